@@ -1,0 +1,81 @@
+//! Typed errors. No operation panics on bad input, and none changes the
+//! registry when it returns an error (except a pass, which keeps what it
+//! registered before the failure, as documented on it).
+
+use crate::{CommId, Segment};
+
+/// Why [`Registry::track`](crate::Registry::track) refused a segment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrackError {
+    /// The segment has no bytes.
+    #[error("segment at {addr:#x} has zero length")]
+    ZeroLength {
+        /// The start address given.
+        addr: usize,
+    },
+    /// `addr + len` does not fit in the address space.
+    #[error("segment at {addr:#x} of {len} bytes overflows the address space")]
+    Overflow {
+        /// The start address given.
+        addr: usize,
+        /// The length given.
+        len: usize,
+    },
+    /// The range overlaps a tracked segment, or lost an overlap race to a
+    /// concurrent track (a caller bug: a double free or a stale pointer).
+    #[error("segment [{addr:#x}, +{len}) overlaps [{other_addr:#x}, +{other_len})")]
+    Overlap {
+        /// The start address given.
+        addr: usize,
+        /// The length given.
+        len: usize,
+        /// Start of the segment it overlaps.
+        other_addr: usize,
+        /// Length of the segment it overlaps.
+        other_len: usize,
+    },
+}
+
+/// Why [`Registry::untrack`](crate::Registry::untrack) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UntrackError {
+    /// No tracked segment starts at this address.
+    #[error("no tracked segment starts at {addr:#x}")]
+    Unknown {
+        /// The address given.
+        addr: usize,
+    },
+}
+
+/// Why an operation on a comm failed before it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CommError {
+    /// The comm was never attached, or has been forgotten.
+    #[error("{0} is not attached")]
+    NotAttached(CommId),
+    /// Another registration pass for this comm is running (passes on one comm
+    /// are serialized; the registry never waits for one).
+    #[error("a registration pass for {0} is already running")]
+    Busy(CommId),
+}
+
+/// Why a registration pass stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError<E> {
+    /// The pass could not start.
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    /// The callback failed on `segment`. Every segment before it stays
+    /// registered and recorded; a retry starts again at `segment`.
+    #[error("registration of segment {segment:?} failed")]
+    Callback {
+        /// The segment the callback failed on (still pending for the comm).
+        segment: Segment,
+        /// The callback's error.
+        #[source]
+        error: E,
+    },
+    /// The comm was forgotten while the pass ran; the pass stopped early.
+    #[error("{0} was forgotten while its pass ran")]
+    Forgotten(CommId),
+}

@@ -1,0 +1,83 @@
+//! Deliberately broken variants of the protocol, used as negative controls.
+//!
+//! With the `test-support` feature, [`Faults`] is public and
+//! [`Registry::with_faults`](crate::Registry::with_faults) builds a registry
+//! that takes one of the broken paths *at run time*, so that correct and
+//! broken registries run side by side in one test binary. Without the
+//! feature every switch is a constant `false` and the broken paths compile
+//! away.
+
+/// Which deliberately broken variants a registry runs.
+#[cfg(feature = "test-support")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// The naive cursor: `seq` comes from a counter bumped when `track`
+    /// starts, and a pass skips every segment whose seq is at or below the
+    /// highest seq it has seen. A segment whose track was still in flight
+    /// when a later one was registered is missed for good.
+    pub naive_cursor: bool,
+    /// A pass adds its window record without checking whether untrack has
+    /// closed the segment's list: the window is lost.
+    pub unchecked_window_add: bool,
+    /// The overlap scan runs without its `fence(SeqCst)` after the insert:
+    /// two racing overlapping tracks can both succeed.
+    pub skip_overlap_fence: bool,
+    /// The sweeper frees unlinked nodes at once instead of deferring them to
+    /// the reclaimer: a concurrent reader touches freed memory.
+    pub free_without_defer: bool,
+}
+
+#[cfg(feature = "test-support")]
+impl Faults {
+    /// No fault: the shipped protocol.
+    pub const NONE: Faults = Faults {
+        naive_cursor: false,
+        unchecked_window_add: false,
+        skip_overlap_fence: false,
+        free_without_defer: false,
+    };
+}
+
+/// The switches as the protocol reads them: constant `false` unless the
+/// `test-support` feature is on.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Switches(#[cfg(feature = "test-support")] Faults);
+
+impl Switches {
+    #[cfg(feature = "test-support")]
+    pub(crate) fn new(f: Faults) -> Self {
+        Switches(f)
+    }
+
+    #[inline(always)]
+    pub(crate) fn naive_cursor(&self) -> bool {
+        #[cfg(feature = "test-support")]
+        return self.0.naive_cursor;
+        #[cfg(not(feature = "test-support"))]
+        false
+    }
+
+    #[inline(always)]
+    pub(crate) fn unchecked_window_add(&self) -> bool {
+        #[cfg(feature = "test-support")]
+        return self.0.unchecked_window_add;
+        #[cfg(not(feature = "test-support"))]
+        false
+    }
+
+    #[inline(always)]
+    pub(crate) fn skip_overlap_fence(&self) -> bool {
+        #[cfg(feature = "test-support")]
+        return self.0.skip_overlap_fence;
+        #[cfg(not(feature = "test-support"))]
+        false
+    }
+
+    #[inline(always)]
+    pub(crate) fn free_without_defer(&self) -> bool {
+        #[cfg(feature = "test-support")]
+        return self.0.free_without_defer;
+        #[cfg(not(feature = "test-support"))]
+        false
+    }
+}

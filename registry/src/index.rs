@@ -1,0 +1,139 @@
+//! The address index: an ordered map from a segment's start address to its
+//! node, behind a small trait so that the loom models can swap the
+//! skiplist (which loom cannot run) for a model index, while the protocol
+//! code stays the same.
+
+use std::ops::Bound;
+use std::ptr::NonNull;
+
+use crossbeam_skiplist::SkipMap;
+
+/// An opaque, copyable reference to a segment node, as the index stores it.
+///
+/// The index never dereferences it; the registry alone decides when the node
+/// it names may be freed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NodeRef(NonNull<()>);
+
+impl NodeRef {
+    pub(crate) fn from_ptr<T>(p: *const T) -> Self {
+        NodeRef(NonNull::new(p as *mut ()).expect("node pointers are never null"))
+    }
+
+    pub(crate) fn as_ptr<T>(self) -> *const T {
+        self.0.as_ptr() as *const T
+    }
+}
+
+// SAFETY: a `NodeRef` is an address; sending it does not give access to the
+// node, and every dereference is made by the registry under its protocol.
+unsafe impl Send for NodeRef {}
+// SAFETY: as above.
+unsafe impl Sync for NodeRef {}
+
+/// An ordered, concurrent map from start address to node, as the registry
+/// needs it.
+///
+/// Implementations must be linearizable; each method is one linearizable
+/// operation except the iterations, which are weakly consistent (they see
+/// every entry present for their whole duration and none absent for it).
+pub trait AddressIndex: Send + Sync {
+    /// Creates an empty index.
+    fn new() -> Self
+    where
+        Self: Sized;
+
+    /// Inserts `key → node` if `key` is absent; otherwise returns the node
+    /// already there, unchanged.
+    fn insert(&self, key: usize, node: NodeRef) -> Result<(), NodeRef>;
+
+    /// Removes `key` only if it still maps to `node`; `true` if this call
+    /// removed it (exactly one concurrent caller gets `true`).
+    fn remove(&self, key: usize, node: NodeRef) -> bool;
+
+    /// The node at exactly `key`.
+    fn get(&self, key: usize) -> Option<NodeRef>;
+
+    /// The entry with the greatest key strictly below `key`.
+    fn below(&self, key: usize) -> Option<(usize, NodeRef)>;
+
+    /// The entry with the greatest key at or below `key`.
+    fn at_or_below(&self, key: usize) -> Option<(usize, NodeRef)>;
+
+    /// Calls `f` on the entries with `lo < key < hi`, in key order, until it
+    /// returns `false`.
+    fn for_each_between(&self, lo: usize, hi: usize, f: &mut dyn FnMut(usize, NodeRef) -> bool);
+
+    /// Calls `f` on every entry in key order until it returns `false`.
+    fn for_each(&self, f: &mut dyn FnMut(usize, NodeRef) -> bool);
+}
+
+/// The production index: a `crossbeam-skiplist` [`SkipMap`].
+///
+/// Removal goes through `Entry::remove`, which is exact under concurrency
+/// (`SkipMap::remove(&k)` in 0.1.3 can report success to two racing callers).
+pub struct SkipIndex {
+    map: SkipMap<usize, NodeRef>,
+}
+
+impl AddressIndex for SkipIndex {
+    fn new() -> Self {
+        SkipIndex {
+            map: SkipMap::new(),
+        }
+    }
+
+    fn insert(&self, key: usize, node: NodeRef) -> Result<(), NodeRef> {
+        let e = self.map.get_or_insert(key, node);
+        if *e.value() == node {
+            Ok(())
+        } else {
+            Err(*e.value())
+        }
+    }
+
+    fn remove(&self, key: usize, node: NodeRef) -> bool {
+        match self.map.get(&key) {
+            Some(e) if *e.value() == node => e.remove(),
+            _ => false,
+        }
+    }
+
+    fn get(&self, key: usize) -> Option<NodeRef> {
+        self.map.get(&key).map(|e| *e.value())
+    }
+
+    fn below(&self, key: usize) -> Option<(usize, NodeRef)> {
+        self.map
+            .upper_bound(Bound::Excluded(&key))
+            .map(|e| (*e.key(), *e.value()))
+    }
+
+    fn at_or_below(&self, key: usize) -> Option<(usize, NodeRef)> {
+        self.map
+            .upper_bound(Bound::Included(&key))
+            .map(|e| (*e.key(), *e.value()))
+    }
+
+    fn for_each_between(&self, lo: usize, hi: usize, f: &mut dyn FnMut(usize, NodeRef) -> bool) {
+        if lo >= hi {
+            return;
+        }
+        for e in self
+            .map
+            .range((Bound::Excluded(lo), Bound::Excluded(hi)))
+        {
+            if !f(*e.key(), *e.value()) {
+                break;
+            }
+        }
+    }
+
+    fn for_each(&self, f: &mut dyn FnMut(usize, NodeRef) -> bool) {
+        for e in self.map.iter() {
+            if !f(*e.key(), *e.value()) {
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! Segment nodes and their window records.
+//!
+//! A node is shared by the address index, the log and the passes that hold
+//! it; it is freed exactly once, through the reclaimer, by the thread that
+//! makes it unreachable last (DESIGN.md, "Who frees what").
+
+use std::cell::UnsafeCell;
+use std::mem::MaybeUninit;
+use std::ptr;
+
+use crate::state::State;
+use crate::sync::{AtomicBool, AtomicPtr, AtomicU64, Ordering, PoisonFlag};
+use crate::{CommId, Segment};
+
+/// A segment node.
+pub(crate) struct Node<W> {
+    pub(crate) addr: usize,
+    pub(crate) len: usize,
+    /// Set by the tracker before the log link that publishes it (or at
+    /// track time in the naive negative control); read after that link.
+    seq: AtomicU64,
+    /// See [`State`].
+    pub(crate) state: AtomicU64,
+    /// The log link. Written from null to a node by an append (CAS), or from
+    /// one node to a later one by the single sweeper.
+    pub(crate) next: AtomicPtr<Node<W>>,
+    /// The windows registered for this segment, one record per comm.
+    pub(crate) records: Records<W>,
+    /// The winner of a lost overlap race, for the error message only.
+    beaten: [std::sync::atomic::AtomicUsize; 2],
+    poison: PoisonFlag,
+}
+
+impl<W> Node<W> {
+    pub(crate) fn new(addr: usize, len: usize, state: State) -> Self {
+        Node {
+            addr,
+            len,
+            seq: AtomicU64::new(0),
+            state: AtomicU64::new(state.0),
+            next: AtomicPtr::new(ptr::null_mut()),
+            records: Records::new(),
+            beaten: Default::default(),
+            poison: PoisonFlag::default(),
+        }
+    }
+
+    /// Checks (in loom models) that the node has not been reclaimed, and
+    /// returns it; every access to a shared node goes through here.
+    #[inline(always)]
+    #[track_caller]
+    pub(crate) fn get(&self) -> &Self {
+        self.poison.check();
+        self
+    }
+
+    pub(crate) fn poison(&self) -> &PoisonFlag {
+        &self.poison
+    }
+
+    pub(crate) fn seq(&self) -> u64 {
+        // Relaxed: the seq is written before the Release link that publishes
+        // the node, and every reader reached the node through an Acquire
+        // load of that link or of the index.
+        self.get().seq.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_seq(&self, seq: u64) {
+        // Relaxed: published by the Release CAS of the log link.
+        self.seq.store(seq, Ordering::Relaxed);
+    }
+
+    pub(crate) fn load_state(&self) -> State {
+        State(self.get().state.load(Ordering::SeqCst))
+    }
+
+    /// Records the range that rejected this node (before the rejecting CAS).
+    pub(crate) fn set_beaten_by(&self, addr: usize, len: usize) {
+        // Relaxed: diagnostic only, published by the rejecting CAS.
+        self.get().beaten[0].store(addr, std::sync::atomic::Ordering::Relaxed);
+        self.beaten[1].store(len, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The range that rejected this node.
+    pub(crate) fn beaten_by(&self) -> (usize, usize) {
+        // Relaxed: diagnostic only; read after observing the rejection.
+        (
+            self.get().beaten[0].load(std::sync::atomic::Ordering::Relaxed),
+            self.beaten[1].load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    pub(crate) fn end(&self) -> usize {
+        self.addr + self.len
+    }
+
+    pub(crate) fn segment(&self) -> Segment {
+        Segment {
+            addr: self.addr,
+            len: self.len,
+            seq: self.seq(),
+        }
+    }
+}
+
+/// One window registered for a segment with one comm.
+pub(crate) struct Record<W> {
+    pub(crate) comm: CommId,
+    /// Set by whoever takes the window out: exactly one of untrack, forget,
+    /// drain, or the pass that added the record.
+    claimed: AtomicBool,
+    window: UnsafeCell<MaybeUninit<W>>,
+    next: *mut Record<W>,
+}
+
+/// Tag on the list head once untrack has closed it.
+const CLOSED: usize = 1;
+
+/// A lock-free list of window records (a Treiber stack that can be closed).
+pub(crate) struct Records<W> {
+    head: AtomicPtr<Record<W>>,
+    /// The list as it was when it was closed, kept so the node can free it.
+    detached: AtomicPtr<Record<W>>,
+}
+
+impl<W> Records<W> {
+    fn new() -> Self {
+        Records {
+            head: AtomicPtr::new(ptr::null_mut()),
+            detached: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    /// Adds a window. Fails, giving the window back, if the list is closed
+    /// (the segment was untracked). `check_closed == false` is the negative
+    /// control that forgets to look.
+    pub(crate) fn push(
+        &self,
+        comm: CommId,
+        window: W,
+        check_closed: bool,
+    ) -> Result<*const Record<W>, W> {
+        let rec = Box::into_raw(Box::new(Record {
+            comm,
+            claimed: AtomicBool::new(false),
+            window: UnsafeCell::new(MaybeUninit::new(window)),
+            next: ptr::null_mut(),
+        }));
+        // SeqCst (not just Release): the add is one side of two Dekker pairs,
+        // against `close` (untrack) and against `forget`'s flag, see
+        // DESIGN.md "Windows".
+        let mut head = self.head.load(Ordering::SeqCst);
+        loop {
+            if head as usize & CLOSED != 0 && check_closed {
+                // SAFETY: `rec` was never shared; take it back whole.
+                let rec = unsafe { Box::from_raw(rec) };
+                // SAFETY: the window was initialised above and not taken.
+                return Err(unsafe { rec.window.get().read().assume_init() });
+            }
+            let untagged = (head as usize & !CLOSED) as *mut Record<W>;
+            // SAFETY: `rec` is still private to this thread.
+            unsafe { (*rec).next = untagged };
+            let new = if head as usize & CLOSED != 0 {
+                // Negative control only: link behind the closed tag, where
+                // nobody will ever claim it.
+                (rec as usize | CLOSED) as *mut Record<W>
+            } else {
+                rec
+            };
+            match self
+                .head
+                .compare_exchange(head, new, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return Ok(rec),
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    /// Closes the list and claims every record not claimed yet.
+    pub(crate) fn close(&self, out: &mut Vec<(CommId, W)>) {
+        // SeqCst: the other side of the Dekker pair with `push`.
+        let head = self.head.swap(CLOSED as *mut Record<W>, Ordering::SeqCst);
+        if head as usize & CLOSED != 0 {
+            return; // already closed (a double untrack lost its CAS earlier)
+        }
+        // Release: publishes nothing new; ordered only for `Drop`, which has
+        // exclusive access anyway.
+        self.detached.store(head, Ordering::Release);
+        Self::claim_where(head, out, |_| true);
+    }
+
+    /// Claims the records of one comm on an open or closed list.
+    pub(crate) fn claim_comm(&self, comm: CommId, out: &mut Vec<(CommId, W)>) {
+        // Acquire: see the records pushed before, and their windows.
+        let mut head = self.head.load(Ordering::Acquire);
+        if head as usize & CLOSED != 0 {
+            head = self.detached.load(Ordering::Acquire);
+        }
+        Self::claim_where(head, out, |c| c == comm);
+    }
+
+    /// Claims one record that this thread pushed (forget raced the pass).
+    pub(crate) fn claim_own(rec: *const Record<W>) -> Option<W> {
+        // SAFETY: the record belongs to a node held by the caller's pass, so
+        // the node (and its records) cannot be freed.
+        let rec = unsafe { &*rec };
+        Self::claim(rec)
+    }
+
+    fn claim(rec: &Record<W>) -> Option<W> {
+        // AcqRel: exactly one claimer wins; Acquire sees the window written
+        // before the record was published.
+        if rec.claimed.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        // SAFETY: we won the claim, so nobody else reads the window, and it
+        // was initialised when the record was built.
+        Some(unsafe { rec.window.get().read().assume_init() })
+    }
+
+    fn claim_where(
+        mut cur: *mut Record<W>,
+        out: &mut Vec<(CommId, W)>,
+        mut pick: impl FnMut(CommId) -> bool,
+    ) {
+        cur = (cur as usize & !CLOSED) as *mut Record<W>;
+        while !cur.is_null() {
+            // SAFETY: records live as long as their node, which the caller
+            // keeps alive (a guard or a hold), and `next` is immutable once
+            // the record is published.
+            let rec = unsafe { &*cur };
+            if pick(rec.comm) {
+                if let Some(w) = Self::claim(rec) {
+                    out.push((rec.comm, w));
+                }
+            }
+            cur = rec.next;
+        }
+    }
+
+    /// Number of windows not claimed yet, per comm.
+    pub(crate) fn count_open(&self, mut f: impl FnMut(CommId)) {
+        let head = self.head.load(Ordering::Acquire);
+        if head as usize & CLOSED != 0 {
+            return;
+        }
+        let mut cur = head;
+        while !cur.is_null() {
+            // SAFETY: as in `claim_where`.
+            let rec = unsafe { &*cur };
+            // Relaxed: a statistic, not a decision.
+            if !rec.claimed.load(Ordering::Relaxed) {
+                f(rec.comm);
+            }
+            cur = rec.next;
+        }
+    }
+}
+
+impl<W> Drop for Records<W> {
+    fn drop(&mut self) {
+        // Exclusive access: the node is being freed.
+        let head = self.head.load(Ordering::Relaxed);
+        let mut cur = if head as usize & CLOSED != 0 {
+            // The negative control may have linked records behind the tag.
+            let behind = (head as usize & !CLOSED) as *mut Record<W>;
+            Self::free_list(behind);
+            self.detached.load(Ordering::Relaxed)
+        } else {
+            head
+        };
+        Self::free_list(std::mem::replace(&mut cur, ptr::null_mut()));
+    }
+}
+
+impl<W> Records<W> {
+    fn free_list(mut cur: *mut Record<W>) {
+        while !cur.is_null() {
+            // SAFETY: exclusive access during drop; every record was made by
+            // `Box::into_raw` and is freed once.
+            let rec = unsafe { Box::from_raw(cur) };
+            // Relaxed: exclusive access.
+            if !rec.claimed.load(Ordering::Relaxed) {
+                // SAFETY: unclaimed, so the window is still initialised.
+                drop(unsafe { rec.window.get().read().assume_init() });
+            }
+            cur = rec.next;
+        }
+    }
+}
+
+// SAFETY: a record's window is moved out by exactly one claimer (guarded by
+// `claimed`), so sharing a list between threads only ever moves `W` across
+// threads, which `W: Send` allows.
+unsafe impl<W: Send> Send for Records<W> {}
+// SAFETY: as above; `&Records` only gives access through the claim protocol.
+unsafe impl<W: Send> Sync for Records<W> {}

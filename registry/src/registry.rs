@@ -1,0 +1,1287 @@
+//! The registry: track, untrack, lookup, comms and registration passes.
+//!
+//! The protocol is written out in DESIGN.md; the comments here name the
+//! step they implement.
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::mem::ManuallyDrop;
+use std::ptr;
+use std::sync::atomic::{AtomicU64 as StatU64, AtomicUsize as StatUsize, Ordering as StatOrdering};
+
+use crate::error::{CommError, PassError, TrackError, UntrackError};
+use crate::faults::Switches;
+use crate::index::{AddressIndex, NodeRef, SkipIndex};
+use crate::node::{Node, Records};
+use crate::state::{Phase, State, HOLD_ONE, IN_INDEX, PIN_ONE, UNLINKED};
+use crate::sync::{fence, Arc, AtomicBool, AtomicPtr, AtomicU64, Guard, Ordering, Reclaimer, RwLock};
+use crate::{CommId, Segment};
+
+/// Dead nodes the log may carry beyond half the live count before an
+/// untrack sweeps it (DESIGN.md, "Bounded memory").
+pub const SWEEP_SLACK: usize = 64;
+
+const BUSY: u64 = 1;
+const FORGOTTEN: u64 = 2;
+
+/// Counters of the registry's own memory, for tests and the soak. They are
+/// statistics: plain std atomics with Relaxed ordering, outside the model.
+#[derive(Default)]
+struct Counters {
+    allocated: StatU64,
+    retired: StatU64,
+    freed: StatU64,
+    sweeps: StatU64,
+    pass_steps: StatU64,
+    live_segments: StatUsize,
+    live_bytes: StatUsize,
+    unswept: StatUsize,
+}
+
+/// One attached comm.
+struct CommSlot<C, W> {
+    id: CommId,
+    payload: C,
+    /// `BUSY` while a pass runs; `FORGOTTEN` once forgotten (final).
+    state: AtomicU64,
+    /// The watermark: the last log node this comm's passes have processed.
+    /// Pinned (state word) so the sweeper keeps it linked. Written only by
+    /// the pass that holds `BUSY` (or by `forget` when none does).
+    cursor: AtomicPtr<Node<W>>,
+    /// The naive negative control's "highest seq seen".
+    naive_max_seq: AtomicU64,
+}
+
+/// A concurrent registry of memory segments with per-comm watermarks.
+///
+/// `C` is the payload a comm is attached with (for NCCL, the raw
+/// `ncclComm_t`); `W` is the window handle a registration returns; `I` is the
+/// address index (the crossbeam skiplist unless a model swaps it).
+///
+/// ```
+/// # #[cfg(not(feature = "loom"))] {
+/// use segment_registry::Registry;
+///
+/// let reg: Registry<&str, u32> = Registry::new();
+/// let a = reg.track(0x1000, 0x100).unwrap();
+/// let comm = reg.attach("world");
+///
+/// // The pass registers every segment the comm has not seen, in seq order.
+/// let report = reg
+///     .register_pending(comm, |_payload, seg| Ok::<_, ()>(Some(seg.seq as u32)))
+///     .unwrap();
+/// assert_eq!(report.registered, vec![a]);
+///
+/// // Untrack hands back the windows to deregister before freeing.
+/// let gone = reg.untrack(0x1000).unwrap();
+/// assert_eq!(gone.windows, vec![(comm, a.seq as u32)]);
+/// assert!(gone.pass_hold.is_none()); // no pass holds it: free it now
+/// # }
+/// ```
+pub struct Registry<C, W, I: AddressIndex = SkipIndex> {
+    index: I,
+    /// The log's sentinel head (seq 0, live forever, never in the index).
+    head: *mut Node<W>,
+    /// The log's tail hint: the last node or the one before it.
+    tail: AtomicPtr<Node<W>>,
+    comms: RwLock<BTreeMap<CommId, Arc<CommSlot<C, W>>>>,
+    next_comm: AtomicU64,
+    naive_seq: AtomicU64,
+    sweeping: AtomicBool,
+    counters: std::sync::Arc<Counters>,
+    reclaimer: Reclaimer,
+    faults: Switches,
+}
+
+// SAFETY: the raw pointers are to nodes the registry owns and shares only
+// through its protocol; payloads are shared (`C: Sync`) and sent (`C: Send`),
+// windows are moved between threads (`W: Send`).
+unsafe impl<C: Send + Sync, W: Send, I: AddressIndex> Send for Registry<C, W, I> {}
+// SAFETY: as above.
+unsafe impl<C: Send + Sync, W: Send, I: AddressIndex> Sync for Registry<C, W, I> {}
+
+/// What [`Registry::untrack`] hands back.
+#[must_use = "the windows must be deregistered before the memory is freed"]
+pub struct Untracked<'r, W> {
+    /// The segment, as it was tracked.
+    pub segment: Segment,
+    /// Every window still registered for it, per comm: deregister them
+    /// before freeing the memory.
+    pub windows: Vec<(CommId, W)>,
+    /// `Some` if a registration pass still held the segment when it was
+    /// untracked: that pass registers it anyway (its set was fixed when it
+    /// began) and hands the window back itself. Deregister `windows`, then
+    /// [`Hold::release`]: free the memory only if it returns `true`;
+    /// otherwise the pass reports the segment in [`PassReport::free_now`].
+    pub pass_hold: Option<Hold<'r, W>>,
+}
+
+/// A claim on an untracked segment's memory: while any hold exists the
+/// memory must not be freed. The party that releases the last hold frees it.
+#[must_use = "release the hold to learn whether to free the memory"]
+pub struct Hold<'r, W> {
+    node: *const Node<W>,
+    _registry: PhantomData<&'r ()>,
+}
+
+// SAFETY: a hold only touches the node's atomic state word.
+unsafe impl<W: Send> Send for Hold<'_, W> {}
+// SAFETY: as above.
+unsafe impl<W: Send> Sync for Hold<'_, W> {}
+
+impl<W> Hold<'_, W> {
+    fn new(node: *const Node<W>) -> Self {
+        Hold {
+            node,
+            _registry: PhantomData,
+        }
+    }
+
+    /// Drops the hold. `true` if it was the last hold on an untracked
+    /// segment: the caller must now free the memory.
+    pub fn release(self) -> bool {
+        let me = ManuallyDrop::new(self);
+        release_hold(me.node)
+    }
+}
+
+impl<W> Drop for Hold<'_, W> {
+    fn drop(&mut self) {
+        release_hold(self.node);
+    }
+}
+
+impl<W> std::fmt::Debug for Hold<'_, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hold")
+    }
+}
+
+fn release_hold<W>(node: *const Node<W>) -> bool {
+    // SAFETY: a node with a hold is never unlinked, so never freed.
+    let node = unsafe { &*node };
+    // SeqCst: the hold count decides who frees the memory; every party's
+    // deregistrations happen before its release.
+    let prev = State(node.get().state.fetch_sub(HOLD_ONE, Ordering::SeqCst));
+    debug_assert!(prev.holds() > 0);
+    prev.holds() == 1 && prev.phase() == Phase::Dead
+}
+
+/// A window that a pass hands back instead of recording it.
+#[must_use = "the window must be deregistered, then the hold released"]
+pub struct HandBack<'r, W> {
+    /// The segment it was registered for.
+    pub segment: Segment,
+    /// The comm it belongs to.
+    pub comm: CommId,
+    /// The window.
+    pub window: W,
+    /// Keeps the segment's memory alive until the window is deregistered;
+    /// release it afterwards, and free the memory if that returns `true`.
+    pub hold: Hold<'r, W>,
+}
+
+/// What a registration pass did.
+#[must_use = "hand-backs and free_now must be acted on"]
+pub struct PassReport<'r, W> {
+    /// The comm the pass ran for.
+    pub comm: CommId,
+    /// The segments registered, in seq order (the order of the callbacks).
+    pub registered: Vec<Segment>,
+    /// Windows the pass hands back instead of recording them: their
+    /// segment was untracked, or the comm forgotten, while it ran.
+    pub handed_back: Vec<HandBack<'r, W>>,
+    /// Untracked segments whose last hold this pass released: free them.
+    pub free_now: Vec<Segment>,
+}
+
+impl<W> PassReport<'_, W> {
+    fn new(comm: CommId) -> Self {
+        PassReport {
+            comm,
+            registered: Vec::new(),
+            handed_back: Vec::new(),
+            free_now: Vec::new(),
+        }
+    }
+}
+
+/// A pass that stopped early: the error, and the report of what it did
+/// before (which must still be acted on).
+#[must_use]
+pub struct PassFailure<'r, W, E> {
+    /// Why it stopped.
+    pub error: PassError<E>,
+    /// What it did before stopping.
+    pub report: PassReport<'r, W>,
+}
+
+impl<W, E: std::fmt::Debug> std::fmt::Debug for PassFailure<'_, W, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PassFailure")
+            .field("error", &self.error)
+            .field("registered", &self.report.registered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W, E: std::fmt::Debug + std::fmt::Display + 'static> std::fmt::Display
+    for PassFailure<'_, W, E>
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl<W, E: std::error::Error + 'static> std::error::Error for PassFailure<'_, W, E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+/// The outcome of one registration pass.
+pub type PassResult<'r, W, E> = Result<PassReport<'r, W>, PassFailure<'r, W, E>>;
+
+/// Per-comm figures in [`Stats`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommStats {
+    /// The comm.
+    pub comm: CommId,
+    /// Windows recorded for live segments and not handed back yet.
+    pub windows: usize,
+    /// Live segments its next pass would register.
+    pub pending: usize,
+}
+
+/// Internal node counts, for tests and the soak.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeCounts {
+    /// Nodes allocated since the registry was made (including rejected
+    /// tracks).
+    pub allocated: u64,
+    /// Nodes handed to the reclaimer.
+    pub retired: u64,
+    /// Nodes actually freed by the reclaimer.
+    pub freed: u64,
+    /// Nodes linked in the log now, sentinel excluded (live and dead).
+    pub in_log: usize,
+    /// Untracked nodes still linked in the log.
+    pub dead_in_log: usize,
+    /// Sweeps run so far.
+    pub sweeps: u64,
+    /// Log nodes visited by passes so far (their cost in steps).
+    pub pass_steps: u64,
+}
+
+/// A snapshot of the registry's figures (weakly consistent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// Live segments.
+    pub live_segments: usize,
+    /// Bytes in live segments.
+    pub live_bytes: usize,
+    /// Per attached comm, in attach order.
+    pub comms: Vec<CommStats>,
+    /// Internal node counts.
+    pub nodes: NodeCounts,
+}
+
+impl<C, W> Registry<C, W, SkipIndex> {
+    /// An empty registry on the crossbeam skiplist.
+    pub fn new() -> Self {
+        Self::with_index()
+    }
+}
+
+impl<C, W> Default for Registry<C, W, SkipIndex> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C, W, I: AddressIndex> Registry<C, W, I> {
+    /// An empty registry on the index `I`.
+    pub fn with_index() -> Self {
+        Self::build(Switches::default())
+    }
+
+    /// A registry that runs the deliberately broken variants in `faults`
+    /// (negative controls for the test suites).
+    #[cfg(feature = "test-support")]
+    pub fn with_faults(faults: crate::Faults) -> Self {
+        Self::build(Switches::new(faults))
+    }
+
+    fn build(faults: Switches) -> Self {
+        let head = Box::into_raw(Box::new(Node::new(0, 0, State::sentinel())));
+        Registry {
+            index: I::new(),
+            head,
+            tail: AtomicPtr::new(head),
+            comms: RwLock::new(BTreeMap::new()),
+            next_comm: AtomicU64::new(0),
+            naive_seq: AtomicU64::new(0),
+            sweeping: AtomicBool::new(false),
+            counters: std::sync::Arc::new(Counters::default()),
+            reclaimer: Reclaimer::default(),
+            faults,
+        }
+    }
+
+    // ----------------------------------------------------------------------
+    // track
+    // ----------------------------------------------------------------------
+
+    /// Tracks the segment `[addr, addr + len)` and gives it the next `seq`.
+    ///
+    /// Lock-free; O(log n). Fails without changing anything on a zero
+    /// length, an address overflow, or an overlap with a tracked segment
+    /// (including one whose track races this one).
+    pub fn track(&self, addr: usize, len: usize) -> Result<Segment, TrackError> {
+        if len == 0 {
+            return Err(TrackError::ZeroLength { addr });
+        }
+        let end = addr
+            .checked_add(len)
+            .ok_or(TrackError::Overflow { addr, len })?;
+        let guard = self.reclaimer.pin();
+        let node = Box::into_raw(Box::new(Node::<W>::new(addr, len, State::new_pending())));
+        self.counters.allocated.fetch_add(1, StatOrdering::Relaxed);
+        // SAFETY: just allocated; freed only through the protocol below.
+        let me = unsafe { &*node };
+        if self.faults.naive_cursor() {
+            // Negative control: seq taken before the segment is visible.
+            // Relaxed: the naive counter orders nothing (that is the bug).
+            me.set_seq(self.naive_seq.fetch_add(1, Ordering::Relaxed) + 1);
+        }
+        let me_ref = NodeRef::from_ptr(node);
+
+        // Step T1: insert as Pending.
+        loop {
+            match self.index.insert(addr, me_ref) {
+                Ok(()) => break,
+                Err(other) => {
+                    // SAFETY: nodes reached through the index are protected
+                    // by the guard (DESIGN.md, "Who frees what").
+                    let o = unsafe { &*other.as_ptr::<Node<W>>() };
+                    match o.load_state().phase() {
+                        Phase::Dead | Phase::Rejected => {
+                            // A stale entry on its way out: help remove it.
+                            if self.index.remove(addr, other) {
+                                self.after_index_removal(o, &guard);
+                            }
+                        }
+                        _ => {
+                            // SAFETY: `node` was never shared.
+                            drop(unsafe { Box::from_raw(node) });
+                            self.counters.freed.fetch_add(1, StatOrdering::Relaxed);
+                            self.counters.retired.fetch_add(1, StatOrdering::Relaxed);
+                            return Err(TrackError::Overlap {
+                                addr,
+                                len,
+                                other_addr: o.addr,
+                                other_len: o.len,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+
+        // Step T2: the fence that makes two racing overlapping tracks see
+        // each other (store-buffer pattern, DESIGN.md "Overlap").
+        if !self.faults.skip_overlap_fence() {
+            fence(Ordering::SeqCst);
+        }
+
+        // Step T3: scan and settle every overlapping pair.
+        let verdict = self.settle_overlaps(me, end);
+
+        // Step T4: commit Pending -> Accepted, unless a winner rejected us.
+        let verdict = verdict.and_then(|()| {
+            let mut st = me.load_state();
+            loop {
+                if st.phase() != Phase::Pending {
+                    return Err(me.beaten_by());
+                }
+                match me.state.compare_exchange(
+                    st.0,
+                    st.with_phase(Phase::Accepted).0,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                ) {
+                    Ok(_) => return Ok(()),
+                    Err(s) => st = State(s),
+                }
+            }
+        });
+        if let Err((other_addr, other_len)) = verdict {
+            self.reject(me, me_ref, &guard);
+            return Err(TrackError::Overlap {
+                addr,
+                len,
+                other_addr,
+                other_len,
+            });
+        }
+
+        self.counters.live_segments.fetch_add(1, StatOrdering::Relaxed);
+        self.counters.live_bytes.fetch_add(len, StatOrdering::Relaxed);
+
+        // Step T5: append to the log; the link CAS fixes the seq.
+        self.append(node);
+
+        // Step T6: Accepted -> Live (a pass may already have helped).
+        make_live(me);
+        Ok(me.segment())
+    }
+
+    /// Walks every index entry that may overlap `me` and settles each pair.
+    fn settle_overlaps(&self, me: &Node<W>, end: usize) -> Result<(), (usize, usize)> {
+        // Backward: predecessors whose range may reach into ours. A
+        // committed predecessor ends the walk: committed segments never
+        // overlap each other, so none further left can reach past it...
+        // except through a pending one, which is why pending and dead ones
+        // do not end it.
+        let mut key = me.addr;
+        while let Some((k, oref)) = self.index.below(key) {
+            // SAFETY: protected by the caller's guard.
+            let o = unsafe { &*oref.as_ptr::<Node<W>>() };
+            let st = o.load_state();
+            if o.end() > me.addr {
+                self.settle_pair(me, o)?;
+            }
+            if st.is_committed() {
+                break;
+            }
+            key = k;
+        }
+        // Forward: every entry that starts inside our range overlaps us.
+        let mut result = Ok(());
+        self.index.for_each_between(me.addr, end, &mut |_, oref| {
+            // SAFETY: protected by the caller's guard.
+            let o = unsafe { &*oref.as_ptr::<Node<W>>() };
+            result = self.settle_pair(me, o);
+            result.is_ok()
+        });
+        result
+    }
+
+    /// Settles one overlapping pair by the fixed rule: a committed segment
+    /// wins; between two pending ones the lower start address wins, and the
+    /// winner rejects the loser with one CAS on the loser's state word.
+    fn settle_pair(&self, me: &Node<W>, o: &Node<W>) -> Result<(), (usize, usize)> {
+        let mut st = o.load_state();
+        loop {
+            match st.phase() {
+                Phase::Rejected => return Ok(()),
+                Phase::Dead => {
+                    // An untrack overtook this neighbour: order the rest of
+                    // the scan after it (DESIGN.md, "Overlap", three-party
+                    // case).
+                    fence(Ordering::SeqCst);
+                    return Ok(());
+                }
+                Phase::Accepted | Phase::Live => return Err((o.addr, o.len)),
+                Phase::Pending if me.addr < o.addr => {
+                    o.set_beaten_by(me.addr, me.len);
+                    match o.state.compare_exchange(
+                        st.0,
+                        st.with_phase(Phase::Rejected).0,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    ) {
+                        Ok(_) => return Ok(()),
+                        Err(s) => st = State(s),
+                    }
+                }
+                Phase::Pending => return Err((o.addr, o.len)),
+            }
+        }
+    }
+
+    /// Backs a losing track out: Rejected, out of the index, retired.
+    fn reject(&self, me: &Node<W>, me_ref: NodeRef, guard: &Guard) {
+        let mut st = me.load_state();
+        while st.phase() == Phase::Pending {
+            match me.state.compare_exchange(
+                st.0,
+                st.with_phase(Phase::Rejected).0,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => break,
+                Err(s) => st = State(s),
+            }
+        }
+        if self.index.remove(me.addr, me_ref) {
+            self.after_index_removal(me, guard);
+        }
+    }
+
+    /// Called by the one thread whose index removal of `o` succeeded.
+    fn after_index_removal(&self, o: &Node<W>, guard: &Guard) {
+        // SeqCst: the sweeper's unlink CAS reads IN_INDEX in the same word.
+        let prev = State(o.get().state.fetch_and(!IN_INDEX, Ordering::SeqCst));
+        if prev.phase() == Phase::Rejected {
+            // Never logged: out of the index means unreachable.
+            self.retire(o, guard);
+        }
+    }
+
+    /// Appends `node` to the log (Michael-Scott): the CAS that links it after
+    /// the last node also fixes its seq as that node's seq + 1.
+    fn append(&self, node: *mut Node<W>) {
+        // SAFETY: `node` is ours until linked.
+        let me = unsafe { &*node };
+        loop {
+            // Acquire: see the node the tail points at.
+            let t = self.tail.load(Ordering::Acquire);
+            // SAFETY: the tail hint is the last node or the one before it,
+            // and the sweeper never unlinks those (DESIGN.md, "Log").
+            let tn = unsafe { &*t };
+            // Acquire: see the successor's fields.
+            let next = tn.get().next.load(Ordering::Acquire);
+            if !next.is_null() {
+                // Help a lagging tail. Release: publish nothing new; the
+                // node was published by its link. Relaxed on failure: retry.
+                let _ = self
+                    .tail
+                    .compare_exchange(t, next, Ordering::Release, Ordering::Relaxed);
+                continue;
+            }
+            if !self.faults.naive_cursor() {
+                me.set_seq(tn.seq() + 1);
+            }
+            // Release: publishes seq, addr, len and state to whoever reads
+            // the link. Acquire on failure: we re-read the new successor.
+            if tn
+                .next
+                .compare_exchange(ptr::null_mut(), node, Ordering::Release, Ordering::Acquire)
+                .is_ok()
+            {
+                let _ = self
+                    .tail
+                    .compare_exchange(t, node, Ordering::Release, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    // ----------------------------------------------------------------------
+    // untrack
+    // ----------------------------------------------------------------------
+
+    /// Untracks the segment that starts at `addr`.
+    ///
+    /// Lock-free; O(log n) plus an amortized O(1) share of log cleanup.
+    /// Returns every window still registered for it, and a [`Hold`] if a
+    /// registration pass still holds it (its memory must then wait).
+    pub fn untrack(&self, addr: usize) -> Result<Untracked<'_, W>, UntrackError> {
+        let guard = self.reclaimer.pin();
+        let oref = self.index.get(addr).ok_or(UntrackError::Unknown { addr })?;
+        // SAFETY: protected by the guard.
+        let o = unsafe { &*oref.as_ptr::<Node<W>>() };
+
+        // Step U1 (linearization point): Live -> Dead, taking a hold for the
+        // caller if a pass holds the segment.
+        let mut st = o.load_state();
+        let held = loop {
+            if st.phase() != Phase::Live {
+                return Err(UntrackError::Unknown { addr });
+            }
+            let held = st.holds() > 0;
+            let new = st.with_phase(Phase::Dead).0 + if held { HOLD_ONE } else { 0 };
+            match o
+                .state
+                .compare_exchange(st.0, new, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => break held,
+                Err(s) => st = State(s),
+            }
+        };
+
+        // Step U2: close the window list and claim what is there.
+        let mut windows = Vec::new();
+        o.records.close(&mut windows);
+
+        // Step U3: out of the index.
+        if self.index.remove(addr, oref) {
+            self.after_index_removal(o, &guard);
+        }
+        self.counters.live_segments.fetch_sub(1, StatOrdering::Relaxed);
+        self.counters.live_bytes.fetch_sub(o.len, StatOrdering::Relaxed);
+
+        // Step U4: count the dead node; sweep the log once enough died.
+        let unswept = self.counters.unswept.fetch_add(1, StatOrdering::Relaxed) + 1;
+        let live = self.counters.live_segments.load(StatOrdering::Relaxed);
+        if unswept > SWEEP_SLACK.max(live / 2) {
+            self.sweep(&guard);
+        }
+
+        Ok(Untracked {
+            segment: o.segment(),
+            windows,
+            pass_hold: held.then(|| Hold::new(o)),
+        })
+    }
+
+    /// Unlinks every sweepable node from the log (one sweeper at a time; a
+    /// thread that finds the sweep taken just goes on).
+    fn sweep(&self, guard: &Guard) {
+        // Acquire: see the links the previous sweeper wrote.
+        if self.sweeping.swap(true, Ordering::Acquire) {
+            return;
+        }
+        self.counters.unswept.store(0, StatOrdering::Relaxed);
+        self.counters.sweeps.fetch_add(1, StatOrdering::Relaxed);
+        let mut prev = self.head as *const Node<W>;
+        // SAFETY: the sentinel lives as long as the registry.
+        let mut cur = unsafe { &*prev }.next.load(Ordering::Acquire);
+        while !cur.is_null() {
+            // SAFETY: reached through log links under the guard.
+            let c = unsafe { &*cur };
+            // Acquire: see the successor's fields.
+            let next = c.get().next.load(Ordering::Acquire);
+            if next.is_null() {
+                break;
+            }
+            // SAFETY: as above.
+            if unsafe { &*next }.get().next.load(Ordering::Acquire).is_null() {
+                // Keep the last two nodes: the tail hint may point at
+                // either, and appends CAS the last one's link.
+                break;
+            }
+            if try_mark_unlinked(c) {
+                // Release: readers that follow the new link see `next`.
+                // SAFETY: `prev` is linked (only this sweeper unlinks).
+                unsafe { &*prev }.next.store(next, Ordering::Release);
+                self.retire(c, guard);
+            } else {
+                prev = cur;
+            }
+            cur = next;
+        }
+        // Release: hand the log to the next sweeper.
+        self.sweeping.store(false, Ordering::Release);
+    }
+
+    /// Hands an unreachable node to the reclaimer.
+    fn retire(&self, o: &Node<W>, guard: &Guard) {
+        self.counters.retired.fetch_add(1, StatOrdering::Relaxed);
+        let p = o as *const Node<W> as *mut Node<W>;
+        let counters = self.counters.clone();
+        let free = move || {
+            // SAFETY: retired exactly once, after it became unreachable;
+            // made by `Box::into_raw`.
+            drop(unsafe { Box::from_raw(p) });
+            counters.freed.fetch_add(1, StatOrdering::Relaxed);
+        };
+        if self.faults.free_without_defer() {
+            // Negative control: free now, whoever may still be reading.
+            free();
+            return;
+        }
+        // SAFETY: the node is out of the index and out of the log (or was
+        // never logged), so no thread that pins from now on can reach it.
+        unsafe { guard.retire(o.poison(), free) };
+    }
+
+    // ----------------------------------------------------------------------
+    // lookup and iteration
+    // ----------------------------------------------------------------------
+
+    /// The tracked segment that contains `addr`, if any. Lock-free; O(log n).
+    pub fn find(&self, addr: usize) -> Option<Segment> {
+        let _guard = self.reclaimer.pin();
+        let mut key = addr;
+        loop {
+            let (k, oref) = self.index.at_or_below(key)?;
+            // SAFETY: protected by the guard.
+            let o = unsafe { &*oref.as_ptr::<Node<W>>() };
+            if o.load_state().phase() == Phase::Live {
+                // Live segments never overlap, so no live one further left
+                // can contain `addr`.
+                return (o.end() > addr).then(|| o.segment());
+            }
+            // A pending, dead or rejected entry can hide a live one.
+            key = k.checked_sub(1)?;
+        }
+    }
+
+    /// Every tracked segment, in address order (weakly consistent).
+    pub fn segments(&self) -> Vec<Segment> {
+        let _guard = self.reclaimer.pin();
+        let mut out = Vec::new();
+        self.index.for_each(&mut |_, oref| {
+            // SAFETY: protected by the guard.
+            let o = unsafe { &*oref.as_ptr::<Node<W>>() };
+            if o.load_state().phase() == Phase::Live {
+                out.push(o.segment());
+            }
+            true
+        });
+        out
+    }
+
+    /// Every tracked segment, in seq order (weakly consistent).
+    pub fn segments_by_seq(&self) -> Vec<Segment> {
+        let _guard = self.reclaimer.pin();
+        let mut out = Vec::new();
+        self.walk_log(self.head, ptr::null(), |o| {
+            if o.load_state().phase() == Phase::Live {
+                out.push(o.segment());
+            }
+        });
+        out
+    }
+
+    /// Calls `f` on each node after `from`, up to and including `to` (or to
+    /// the end if `to` is null). The caller holds a guard.
+    fn walk_log(&self, from: *const Node<W>, to: *const Node<W>, mut f: impl FnMut(&Node<W>)) {
+        let mut cur = from;
+        while cur != to {
+            // SAFETY: reached through log links under the caller's guard.
+            let next = unsafe { &*cur }.get().next.load(Ordering::Acquire);
+            if next.is_null() {
+                break;
+            }
+            // SAFETY: as above.
+            f(unsafe { &*next });
+            cur = next;
+        }
+    }
+
+    // ----------------------------------------------------------------------
+    // comms
+    // ----------------------------------------------------------------------
+
+    /// Attaches a comm. Its id is never reused, and ids grow in attach order.
+    /// Its first pass registers every tracked segment.
+    pub fn attach(&self, payload: C) -> CommId {
+        // Relaxed: uniqueness only; the slot is published by the lock.
+        let id = CommId(self.next_comm.fetch_add(1, Ordering::Relaxed) + 1);
+        // SAFETY: the sentinel lives as long as the registry.
+        let head = unsafe { &*self.head };
+        // SeqCst: the pin count shares the word the sweeper CASes (the
+        // sentinel is never swept anyway).
+        head.state.fetch_add(PIN_ONE, Ordering::SeqCst);
+        let slot = Arc::new(CommSlot {
+            id,
+            payload,
+            state: AtomicU64::new(0),
+            cursor: AtomicPtr::new(self.head),
+            naive_max_seq: AtomicU64::new(0),
+        });
+        self.comms.write().unwrap().insert(id, slot);
+        id
+    }
+
+    /// Attached comms, in attach order.
+    pub fn comms(&self) -> Vec<CommId> {
+        self.comms.read().unwrap().keys().copied().collect()
+    }
+
+    /// A copy of a comm's payload.
+    pub fn payload(&self, comm: CommId) -> Option<C>
+    where
+        C: Clone,
+    {
+        self.slot(comm).map(|s| s.payload.clone())
+    }
+
+    fn slot(&self, comm: CommId) -> Option<Arc<CommSlot<C, W>>> {
+        self.comms.read().unwrap().get(&comm).cloned()
+    }
+
+    /// Forgets a comm and hands back every window it still holds, with the
+    /// segment each belongs to. A pass running for it stops after its
+    /// current callback and hands back the window that callback returned.
+    pub fn forget(&self, comm: CommId) -> Result<Vec<(Segment, W)>, CommError> {
+        let slot = self
+            .comms
+            .write()
+            .unwrap()
+            .remove(&comm)
+            .ok_or(CommError::NotAttached(comm))?;
+        // SeqCst: one side of the Dekker pair with a pass's record add.
+        let prev = slot.state.fetch_or(FORGOTTEN, Ordering::SeqCst);
+        if prev & BUSY == 0 {
+            // No pass runs, and none can start now: drop the watermark pin.
+            unpin(slot.cursor.load(Ordering::Acquire));
+        }
+        fence(Ordering::SeqCst);
+        let _guard = self.reclaimer.pin();
+        let mut out = Vec::new();
+        let mut claimed = Vec::new();
+        self.index.for_each(&mut |_, oref| {
+            // SAFETY: protected by the guard.
+            let o = unsafe { &*oref.as_ptr::<Node<W>>() };
+            o.records.claim_comm(comm, &mut claimed);
+            if !claimed.is_empty() {
+                let seg = o.segment();
+                out.extend(claimed.drain(..).map(|(_, w)| (seg, w)));
+            }
+            true
+        });
+        Ok(out)
+    }
+
+    /// Live segments the next pass for `comm` would register. O(k + d),
+    /// where d is the dead nodes not swept yet between watermark and tail.
+    pub fn pending(&self, comm: CommId) -> Result<usize, CommError> {
+        let slot = self.slot(comm).ok_or(CommError::NotAttached(comm))?;
+        let _guard = self.reclaimer.pin();
+        // Acquire: the cursor node stays reachable for a guard pinned before
+        // this load (DESIGN.md, "Watermarks").
+        let cursor = slot.cursor.load(Ordering::Acquire);
+        let mut n = 0;
+        self.walk_log(cursor, ptr::null(), |o| {
+            if o.load_state().is_committed() {
+                n += 1;
+            }
+        });
+        Ok(n)
+    }
+
+    // ----------------------------------------------------------------------
+    // registration passes
+    // ----------------------------------------------------------------------
+
+    /// Runs a registration pass for `comm`: calls `register` on every segment
+    /// that was tracked, not registered with `comm`, and not untracked when
+    /// the pass began, in seq order, and records each window it returns
+    /// (`Ok(None)`: registered without a window).
+    ///
+    /// The set is fixed when the pass begins. A segment untracked while the
+    /// pass holds it is still registered; its window comes back in
+    /// [`PassReport::handed_back`]. On a callback error the pass stops:
+    /// what came before stays registered, the error is returned, and a retry
+    /// resumes at the failed segment. If the callback panics, the panic
+    /// propagates and the registry stays as if the callback had failed.
+    ///
+    /// Passes on one comm are serialized: a second one gets
+    /// [`CommError::Busy`] at once. No lock and no epoch guard is held
+    /// across `register`. A pass with nothing pending is O(1); otherwise
+    /// O(k + d) for k pending and d untracked-but-unswept nodes in between.
+    pub fn register_pending<E, F>(&self, comm: CommId, register: F) -> PassResult<'_, W, E>
+    where
+        F: FnMut(&C, &Segment) -> Result<Option<W>, E>,
+    {
+        let fail = |e: CommError| PassFailure {
+            error: PassError::Comm(e),
+            report: PassReport::new(comm),
+        };
+        let slot = self
+            .slot(comm)
+            .ok_or_else(|| fail(CommError::NotAttached(comm)))?;
+        // Acquire: see the cursor the previous pass left.
+        if let Err(s) = slot
+            .state
+            .compare_exchange(0, BUSY, Ordering::Acquire, Ordering::Relaxed)
+        {
+            return Err(fail(if s & FORGOTTEN != 0 {
+                CommError::NotAttached(comm)
+            } else {
+                CommError::Busy(comm)
+            }));
+        }
+        let mut run = PassRun {
+            reg: self,
+            slot: &slot,
+            held: Vec::new(),
+            next: 0,
+            last_done: None,
+            owns_last: false,
+            end: ptr::null(),
+            report: PassReport::new(comm),
+            finished: false,
+        };
+        run.begin();
+        run.run(register)
+    }
+
+    /// Runs a pass for every attached comm, in attach order, with
+    /// `register(comm, payload, segment)`. A comm whose pass fails does not
+    /// stop the others.
+    pub fn register_pending_all<E, F>(&self, mut register: F) -> Vec<PassResult<'_, W, E>>
+    where
+        F: FnMut(CommId, &C, &Segment) -> Result<Option<W>, E>,
+    {
+        self.comms()
+            .into_iter()
+            .map(|id| self.register_pending(id, |c, s| register(id, c, s)))
+            .collect()
+    }
+
+    /// Untracks every tracked segment, in seq order, and hands back all their
+    /// windows (for shutdown; see [`Registry::untrack`] for each result).
+    pub fn drain(&self) -> Vec<Untracked<'_, W>> {
+        self.segments_by_seq()
+            .into_iter()
+            .filter_map(|s| self.untrack(s.addr).ok())
+            .collect()
+    }
+
+    /// A weakly consistent snapshot of the registry's figures.
+    pub fn stats(&self) -> Stats {
+        let _guard = self.reclaimer.pin();
+        let slots: Vec<_> = self.comms.read().unwrap().values().cloned().collect();
+        let mut windows: BTreeMap<CommId, usize> = BTreeMap::new();
+        self.index.for_each(&mut |_, oref| {
+            // SAFETY: protected by the guard.
+            let o = unsafe { &*oref.as_ptr::<Node<W>>() };
+            o.records.count_open(|c| *windows.entry(c).or_default() += 1);
+            true
+        });
+        let comms = slots
+            .iter()
+            .map(|s| CommStats {
+                comm: s.id,
+                windows: windows.get(&s.id).copied().unwrap_or(0),
+                pending: self.pending(s.id).unwrap_or(0),
+            })
+            .collect();
+        let (mut in_log, mut dead_in_log) = (0, 0);
+        self.walk_log(self.head, ptr::null(), |o| {
+            in_log += 1;
+            if o.load_state().phase() == Phase::Dead {
+                dead_in_log += 1;
+            }
+        });
+        let c = &self.counters;
+        Stats {
+            live_segments: c.live_segments.load(StatOrdering::Relaxed),
+            live_bytes: c.live_bytes.load(StatOrdering::Relaxed),
+            comms,
+            nodes: NodeCounts {
+                allocated: c.allocated.load(StatOrdering::Relaxed),
+                retired: c.retired.load(StatOrdering::Relaxed),
+                freed: c.freed.load(StatOrdering::Relaxed),
+                in_log,
+                dead_in_log,
+                sweeps: c.sweeps.load(StatOrdering::Relaxed),
+                pass_steps: c.pass_steps.load(StatOrdering::Relaxed),
+            },
+        }
+    }
+
+    /// Runs the reclaimer's deferred frees that are due (tests and soaks call
+    /// it before reading [`NodeCounts::freed`]).
+    pub fn flush(&self) {
+        for _ in 0..4 {
+            self.reclaimer.pin().flush();
+        }
+    }
+}
+
+impl<C, W, I: AddressIndex> Drop for Registry<C, W, I> {
+    fn drop(&mut self) {
+        // Exclusive access: every node still linked in the log is freed here
+        // (retired ones belong to the reclaimer). Comm pins no longer matter.
+        let mut cur = self.head;
+        while !cur.is_null() {
+            // SAFETY: exclusive; every linked node was made by
+            // `Box::into_raw` and is in the log once.
+            let node = unsafe { Box::from_raw(cur) };
+            cur = node.next.load(Ordering::Relaxed);
+        }
+    }
+}
+
+/// Accepted -> Live, keeping holds and pins (a pass may have done it).
+fn make_live<W>(o: &Node<W>) {
+    let mut st = o.load_state();
+    while st.phase() == Phase::Accepted {
+        match o.state.compare_exchange(
+            st.0,
+            st.with_phase(Phase::Live).0,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ) {
+            Ok(_) => return,
+            Err(s) => st = State(s),
+        }
+    }
+}
+
+/// Pins a node unless it is unlinked (one CAS: the sweeper's unlink and the
+/// pin cannot both succeed).
+fn try_pin<W>(o: &Node<W>) -> bool {
+    let mut st = o.load_state();
+    loop {
+        if st.has(UNLINKED) {
+            return false;
+        }
+        match o
+            .state
+            .compare_exchange(st.0, st.0 + PIN_ONE, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => return true,
+            Err(s) => st = State(s),
+        }
+    }
+}
+
+fn unpin<W>(o: *const Node<W>) {
+    // SAFETY: a pinned node is never unlinked, so never freed.
+    let o = unsafe { &*o };
+    // SeqCst: the sweeper reads the pin count in the same word.
+    o.get().state.fetch_sub(PIN_ONE, Ordering::SeqCst);
+}
+
+/// Holds a node for a pass: Live (or Accepted, which the pass first helps to
+/// Live) gains a hold; anything else is not in the pass's set.
+fn try_hold<W>(o: &Node<W>) -> bool {
+    let mut st = o.load_state();
+    loop {
+        if !st.is_committed() {
+            return false;
+        }
+        let new = st.with_phase(Phase::Live).0 + HOLD_ONE;
+        match o
+            .state
+            .compare_exchange(st.0, new, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => return true,
+            Err(s) => st = State(s),
+        }
+    }
+}
+
+fn try_mark_unlinked<W>(o: &Node<W>) -> bool {
+    let mut st = o.load_state();
+    loop {
+        if !st.is_sweepable() {
+            return false;
+        }
+        match o
+            .state
+            .compare_exchange(st.0, st.0 | UNLINKED, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => return true,
+            Err(s) => st = State(s),
+        }
+    }
+}
+
+/// One running pass. Its `Drop` restores the invariants if the callback
+/// panics: the watermark moves past what was done, every remaining hold is
+/// released, and the comm is no longer busy.
+struct PassRun<'a, 'r, C, W, I: AddressIndex> {
+    reg: &'r Registry<C, W, I>,
+    slot: &'a CommSlot<C, W>,
+    /// The pass's set, in seq order, each node held.
+    held: Vec<*const Node<W>>,
+    /// Index in `held` of the next node to register.
+    next: usize,
+    /// The last node registered, still held (by the pass, or by a hand-back
+    /// in the report) so that it can become the watermark.
+    last_done: Option<*const Node<W>>,
+    /// Whether the pass itself (not a hand-back) holds `last_done`.
+    owns_last: bool,
+    /// The last log node when the pass began (pinned), or null if nothing
+    /// was pending.
+    end: *const Node<W>,
+    report: PassReport<'r, W>,
+    finished: bool,
+}
+
+impl<'r, C, W, I: AddressIndex> PassRun<'_, 'r, C, W, I> {
+    /// Steps P1-P3: fix the set.
+    fn begin(&mut self) {
+        let reg = self.reg;
+        let guard = reg.reclaimer.pin();
+        // Acquire: see the cursor node the last pass published.
+        let cursor = self.slot.cursor.load(Ordering::Acquire);
+        // P1: nothing pending if the watermark is the last node: O(1).
+        // SAFETY: the cursor node is pinned by this comm.
+        let first = unsafe { &*cursor }.get().next.load(Ordering::Acquire);
+        if first.is_null() {
+            return;
+        }
+        // P2: the end of the set is the node whose link is null now.
+        let end = loop {
+            let mut t = reg.tail.load(Ordering::Acquire);
+            loop {
+                // SAFETY: reached through the tail hint and log links under
+                // the guard.
+                let n = unsafe { &*t }.get().next.load(Ordering::Acquire);
+                if n.is_null() {
+                    break;
+                }
+                t = n;
+            }
+            // SAFETY: as above.
+            if try_pin(unsafe { &*t }) {
+                break t as *const Node<W>;
+            }
+        };
+        self.end = end;
+        // P3: hold every live node of (cursor, end].
+        let naive = reg.faults.naive_cursor();
+        // Relaxed: only the BUSY owner touches it.
+        let naive_max = self.slot.naive_max_seq.load(Ordering::Relaxed);
+        let mut steps = 0;
+        let held = &mut self.held;
+        reg.walk_log(cursor, end, |o| {
+            steps += 1;
+            if naive && o.seq() <= naive_max {
+                return;
+            }
+            if try_hold(o) {
+                held.push(o);
+            }
+        });
+        reg.counters
+            .pass_steps
+            .fetch_add(steps, StatOrdering::Relaxed);
+        drop(guard);
+    }
+
+    /// Step P4: the callbacks, with no guard and no lock held.
+    fn run<E, F>(mut self, mut register: F) -> PassResult<'r, W, E>
+    where
+        F: FnMut(&C, &Segment) -> Result<Option<W>, E>,
+    {
+        let comm = self.slot.id;
+        while self.next < self.held.len() {
+            // SeqCst: the other side of forget's fetch_or.
+            if self.slot.state.load(Ordering::SeqCst) & FORGOTTEN != 0 {
+                return Err(self.stop(PassError::Forgotten(comm)));
+            }
+            let o = self.held[self.next];
+            // SAFETY: held, so never unlinked or freed.
+            let node = unsafe { &*o };
+            let seg = node.segment();
+            let window = match register(&self.slot.payload, &seg) {
+                Ok(w) => w,
+                Err(error) => {
+                    return Err(self.stop(PassError::Callback {
+                        segment: seg,
+                        error,
+                    }))
+                }
+            };
+            if self.reg.faults.naive_cursor() {
+                // Relaxed: only the BUSY owner touches it.
+                let m = self.slot.naive_max_seq.load(Ordering::Relaxed).max(seg.seq);
+                self.slot.naive_max_seq.store(m, Ordering::Relaxed);
+            }
+            self.report.registered.push(seg);
+            let mut owns = true;
+            if let Some(w) = window {
+                let check = !self.reg.faults.unchecked_window_add();
+                match node.records.push(comm, w, check) {
+                    Err(w) => {
+                        // Untracked while we registered it: hand it back.
+                        self.hand_back(o, seg, w);
+                        owns = false;
+                    }
+                    Ok(rec) => {
+                        // Dekker with forget: add; fence; read the flag.
+                        fence(Ordering::SeqCst);
+                        if self.slot.state.load(Ordering::SeqCst) & FORGOTTEN != 0 {
+                            if let Some(w) = Records::claim_own(rec) {
+                                self.hand_back(o, seg, w);
+                                owns = false;
+                            }
+                        }
+                    }
+                }
+            }
+            // Keep this node's hold until the next one is done, so that it
+            // can still become the watermark; drop the previous one's.
+            self.release_last_done();
+            self.last_done = Some(o);
+            self.owns_last = owns;
+            self.next += 1;
+        }
+        self.finish(true);
+        Ok(std::mem::replace(&mut self.report, PassReport::new(comm)))
+    }
+
+    fn hand_back(&mut self, o: *const Node<W>, segment: Segment, window: W) {
+        // The pass's hold moves into the hand-back.
+        self.report.handed_back.push(HandBack {
+            segment,
+            comm: self.slot.id,
+            window,
+            hold: Hold::new(o),
+        });
+    }
+
+    fn release_last_done(&mut self) {
+        if let Some(o) = self.last_done.take() {
+            if std::mem::take(&mut self.owns_last) {
+                self.release(o);
+            }
+        }
+    }
+
+    fn release(&mut self, o: *const Node<W>) {
+        if release_hold(o) {
+            // SAFETY: the node was held until the line above and is freed
+            // only after a sweep, which needs an epoch this thread does not
+            // block; its fields are immutable. (Read before release would be
+            // equally right; this keeps the hold count the only decision.)
+            self.report.free_now.push(unsafe { &*o }.segment());
+        }
+    }
+
+    fn stop<E>(&mut self, error: PassError<E>) -> PassFailure<'r, W, E> {
+        self.finish(false);
+        PassFailure {
+            error,
+            report: std::mem::replace(&mut self.report, PassReport::new(self.slot.id)),
+        }
+    }
+
+    /// Moves the watermark, releases what is still held, and frees the comm.
+    fn finish(&mut self, complete: bool) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        if !self.end.is_null() {
+            // The new watermark: the end of the set if it all went through,
+            // else the last node registered, if any.
+            let new_cursor = if complete {
+                Some(self.end)
+            } else {
+                unpin(self.end);
+                self.last_done.inspect(|&o| {
+                    // SAFETY: still held (by us or a hand-back), so linked.
+                    let pinned = try_pin(unsafe { &*o });
+                    debug_assert!(pinned, "a held node is never unlinked");
+                })
+            };
+            if let Some(c) = new_cursor {
+                // AcqRel: publish the new cursor to `pending` (readers under
+                // a guard) and take the old one to unpin.
+                let old = self.slot.cursor.swap(c as *mut _, Ordering::AcqRel);
+                unpin(old);
+            }
+        }
+        self.release_last_done();
+        let rest = std::mem::take(&mut self.held);
+        for &o in &rest[self.next.min(rest.len())..] {
+            self.release(o);
+        }
+        // Release: publish the cursor to the next pass.
+        let prev = self.slot.state.fetch_and(!BUSY, Ordering::AcqRel);
+        if prev & FORGOTTEN != 0 {
+            // Forgotten while we ran: the watermark pin is ours to drop.
+            unpin(self.slot.cursor.load(Ordering::Acquire));
+        }
+    }
+}
+
+impl<C, W, I: AddressIndex> Drop for PassRun<'_, '_, C, W, I> {
+    fn drop(&mut self) {
+        // Only reached unfinished when the callback panicked. The report is
+        // lost with the panic; its hand-backs' holds are released as they
+        // drop.
+        self.finish(false);
+    }
+}
