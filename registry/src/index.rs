@@ -119,10 +119,7 @@ impl AddressIndex for SkipIndex {
         if lo >= hi {
             return;
         }
-        for e in self
-            .map
-            .range((Bound::Excluded(lo), Bound::Excluded(hi)))
-        {
+        for e in self.map.range((Bound::Excluded(lo), Bound::Excluded(hi))) {
             if !f(*e.key(), *e.value()) {
                 break;
             }

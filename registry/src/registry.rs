@@ -14,7 +14,9 @@ use crate::faults::Switches;
 use crate::index::{AddressIndex, NodeRef, SkipIndex};
 use crate::node::{Node, Records};
 use crate::state::{Phase, State, HOLD_ONE, IN_INDEX, PIN_ONE, UNLINKED};
-use crate::sync::{fence, Arc, AtomicBool, AtomicPtr, AtomicU64, Guard, Ordering, Reclaimer, RwLock};
+use crate::sync::{
+    fence, Arc, AtomicBool, AtomicPtr, AtomicU64, Guard, Ordering, Reclaimer, RwLock,
+};
 use crate::{CommId, Segment};
 
 /// Dead nodes the log may carry beyond half the live count before an
@@ -101,6 +103,7 @@ unsafe impl<C: Send + Sync, W: Send, I: AddressIndex> Send for Registry<C, W, I>
 unsafe impl<C: Send + Sync, W: Send, I: AddressIndex> Sync for Registry<C, W, I> {}
 
 /// What [`Registry::untrack`] hands back.
+#[derive(Debug)]
 #[must_use = "the windows must be deregistered before the memory is freed"]
 pub struct Untracked<'r, W> {
     /// The segment, as it was tracked.
@@ -168,6 +171,7 @@ fn release_hold<W>(node: *const Node<W>) -> bool {
 }
 
 /// A window that a pass hands back instead of recording it.
+#[derive(Debug)]
 #[must_use = "the window must be deregistered, then the hold released"]
 pub struct HandBack<'r, W> {
     /// The segment it was registered for.
@@ -182,6 +186,7 @@ pub struct HandBack<'r, W> {
 }
 
 /// What a registration pass did.
+#[derive(Debug)]
 #[must_use = "hand-backs and free_now must be acted on"]
 pub struct PassReport<'r, W> {
     /// The comm the pass ran for.
@@ -425,8 +430,12 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             });
         }
 
-        self.counters.live_segments.fetch_add(1, StatOrdering::Relaxed);
-        self.counters.live_bytes.fetch_add(len, StatOrdering::Relaxed);
+        self.counters
+            .live_segments
+            .fetch_add(1, StatOrdering::Relaxed);
+        self.counters
+            .live_bytes
+            .fetch_add(len, StatOrdering::Relaxed);
 
         // Step T5: append to the log; the link CAS fixes the seq.
         self.append(node);
@@ -609,8 +618,12 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         if self.index.remove(addr, oref) {
             self.after_index_removal(o, &guard);
         }
-        self.counters.live_segments.fetch_sub(1, StatOrdering::Relaxed);
-        self.counters.live_bytes.fetch_sub(o.len, StatOrdering::Relaxed);
+        self.counters
+            .live_segments
+            .fetch_sub(1, StatOrdering::Relaxed);
+        self.counters
+            .live_bytes
+            .fetch_sub(o.len, StatOrdering::Relaxed);
 
         // Step U4: count the dead node; sweep the log once enough died.
         let unswept = self.counters.unswept.fetch_add(1, StatOrdering::Relaxed) + 1;
@@ -647,7 +660,12 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
                 break;
             }
             // SAFETY: as above.
-            if unsafe { &*next }.get().next.load(Ordering::Acquire).is_null() {
+            if unsafe { &*next }
+                .get()
+                .next
+                .load(Ordering::Acquire)
+                .is_null()
+            {
                 // Keep the last two nodes: the tail hint may point at
                 // either, and appends CAS the last one's link.
                 break;
@@ -931,7 +949,8 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         self.index.for_each(&mut |_, oref| {
             // SAFETY: protected by the guard.
             let o = unsafe { &*oref.as_ptr::<Node<W>>() };
-            o.records.count_open(|c| *windows.entry(c).or_default() += 1);
+            o.records
+                .count_open(|c| *windows.entry(c).or_default() += 1);
             true
         });
         let comms = slots

@@ -1,0 +1,548 @@
+//! One test per guarantee of the registry (DESIGN.md, "Guarantees"), named
+//! after it. Progress and cost are checked by parking callbacks on barriers
+//! and by counting steps, never by timing.
+#![cfg(not(feature = "loom"))]
+
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use segment_registry::{CommError, CommId, PassError, Registry, Segment, TrackError, UntrackError};
+
+type Reg = Registry<&'static str, u64>;
+
+const MB2: usize = 2 << 20;
+
+fn seg_addr(i: usize) -> usize {
+    0x7f00_0000_0000 + i * 4 * MB2
+}
+
+/// A pass that registers everything, the window being `seq * 10 + comm`.
+fn pass_all_ok(reg: &Reg, comm: CommId) -> Vec<Segment> {
+    let report = reg
+        .register_pending(comm, |_, s| Ok::<_, ()>(Some(s.seq * 10 + comm.0)))
+        .expect("pass");
+    assert!(report.handed_back.is_empty());
+    report.registered
+}
+
+#[test]
+fn order_passes_visit_segments_in_seq_order() {
+    let reg = Reg::new();
+    // Track in an address order that differs from the track order.
+    let addrs = [seg_addr(5), seg_addr(1), seg_addr(9), seg_addr(3)];
+    let segs: Vec<_> = addrs.iter().map(|&a| reg.track(a, MB2).unwrap()).collect();
+    assert_eq!(
+        segs.iter().map(|s| s.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    let comm = reg.attach("a");
+    let visited = pass_all_ok(&reg, comm);
+    assert_eq!(visited, segs, "seq order, not address order");
+    assert_eq!(reg.segments_by_seq(), segs);
+    let mut by_addr = segs.clone();
+    by_addr.sort_by_key(|s| s.addr);
+    assert_eq!(reg.segments(), by_addr);
+}
+
+#[test]
+fn comms_ids_are_never_reused_and_all_comm_passes_go_in_attach_order() {
+    let reg = Reg::new();
+    let a = reg.attach("a");
+    let b = reg.attach("b");
+    reg.forget(a).unwrap();
+    let c = reg.attach("c");
+    assert!(c > b && b > a, "ids grow and are never reused");
+    assert_eq!(reg.comms(), vec![b, c]);
+    reg.track(seg_addr(0), MB2).unwrap();
+    let mut order = Vec::new();
+    let results = reg.register_pending_all(|id, payload, _| {
+        order.push((id, *payload));
+        Ok::<_, ()>(None)
+    });
+    assert_eq!(results.len(), 2);
+    assert_eq!(order, vec![(b, "b"), (c, "c")]);
+}
+
+#[test]
+fn comms_pass_on_unattached_or_forgotten_comm_is_a_typed_error() {
+    let reg = Reg::new();
+    let never = CommId(42);
+    let err = reg
+        .register_pending(never, |_, _| Ok::<_, ()>(None))
+        .err()
+        .unwrap();
+    assert!(matches!(err.error, PassError::Comm(CommError::NotAttached(c)) if c == never));
+    let a = reg.attach("a");
+    reg.forget(a).unwrap();
+    let err = reg
+        .register_pending(a, |_, _| Ok::<_, ()>(None))
+        .err()
+        .unwrap();
+    assert!(matches!(
+        err.error,
+        PassError::Comm(CommError::NotAttached(_))
+    ));
+    assert_eq!(reg.forget(a).unwrap_err(), CommError::NotAttached(a));
+    assert_eq!(reg.pending(a), Err(CommError::NotAttached(a)));
+}
+
+#[test]
+fn pass_set_is_fixed_when_it_begins_tracks_during_it_wait_for_the_next() {
+    let reg = Reg::new();
+    let comm = reg.attach("a");
+    let first = reg.track(seg_addr(0), MB2).unwrap();
+    let mut late = None;
+    let report = reg
+        .register_pending(comm, |_, s| {
+            if late.is_none() {
+                late = Some(reg.track(seg_addr(1), MB2).unwrap());
+            }
+            Ok::<_, ()>(Some(s.seq))
+        })
+        .unwrap();
+    assert_eq!(report.registered, vec![first]);
+    assert_eq!(reg.pending(comm), Ok(1));
+    let next = pass_all_ok(&reg, comm);
+    assert_eq!(next, vec![late.unwrap()]);
+}
+
+#[test]
+fn pass_set_is_fixed_when_it_begins_untrack_during_it_is_still_registered() {
+    let reg = Arc::new(Reg::new());
+    let comm = reg.attach("a");
+    let s1 = reg.track(seg_addr(0), MB2).unwrap();
+    let s2 = reg.track(seg_addr(1), MB2).unwrap();
+    let parked = Arc::new(Barrier::new(2));
+    let resume = Arc::new(Barrier::new(2));
+    let pass = {
+        let (reg, parked, resume) = (reg.clone(), parked.clone(), resume.clone());
+        thread::spawn(move || {
+            let report = reg
+                .register_pending(comm, |_, s| {
+                    if s.seq == 1 {
+                        parked.wait();
+                        resume.wait();
+                    }
+                    Ok::<_, ()>(Some(s.seq * 100))
+                })
+                .unwrap();
+            let registered = report.registered.clone();
+            let backs: Vec<_> = report
+                .handed_back
+                .into_iter()
+                .map(|h| (h.segment, h.window, h.hold.release()))
+                .collect();
+            (registered, backs, report.free_now)
+        })
+    };
+    parked.wait();
+    // The pass is parked inside its first callback: s2 is in its set.
+    let gone = reg.untrack(s2.addr).unwrap();
+    assert!(gone.windows.is_empty());
+    let hold = gone.pass_hold.expect("untrack must report the pass's hold");
+    assert!(reg.find(s2.addr).is_none());
+    resume.wait();
+    let (registered, backs, free_now) = pass.join().unwrap();
+    assert_eq!(registered, vec![s1, s2], "s2 was in the set at the begin");
+    assert_eq!(backs.len(), 1, "its window comes back from the pass");
+    assert_eq!((backs[0].0, backs[0].1), (s2, 200));
+    // Exactly one party frees: the pass's hand-back released first, so the
+    // untrack's hold is the last one.
+    assert!(!backs[0].2);
+    assert!(free_now.is_empty());
+    assert!(hold.release(), "the last hold frees the memory");
+}
+
+#[test]
+fn pass_set_is_fixed_when_it_begins_untracked_before_it_is_not_registered() {
+    let reg = Reg::new();
+    let comm = reg.attach("a");
+    let s1 = reg.track(seg_addr(0), MB2).unwrap();
+    let s2 = reg.track(seg_addr(1), MB2).unwrap();
+    let gone = reg.untrack(s1.addr).unwrap();
+    assert!(gone.pass_hold.is_none());
+    assert_eq!(pass_all_ok(&reg, comm), vec![s2]);
+}
+
+#[test]
+fn no_duplicates_a_segment_is_registered_once_per_comm_and_a_retrack_is_new() {
+    let reg = Reg::new();
+    let a = reg.attach("a");
+    let b = reg.attach("b");
+    let s = reg.track(seg_addr(0), MB2).unwrap();
+    assert_eq!(pass_all_ok(&reg, a), vec![s]);
+    assert_eq!(
+        pass_all_ok(&reg, a),
+        vec![],
+        "second pass registers nothing"
+    );
+    assert_eq!(pass_all_ok(&reg, b), vec![s], "each comm once");
+    let gone = reg.untrack(s.addr).unwrap();
+    assert_eq!(gone.windows.len(), 2);
+    let again = reg.track(s.addr, MB2).unwrap();
+    assert!(again.seq > s.seq, "a re-tracked address is a new segment");
+    assert_eq!(pass_all_ok(&reg, a), vec![again]);
+}
+
+#[test]
+fn exactly_once_windows_untrack_forget_and_drain_each_hand_back_theirs() {
+    let reg = Reg::new();
+    let a = reg.attach("a");
+    let b = reg.attach("b");
+    let segs: Vec<_> = (0..4)
+        .map(|i| reg.track(seg_addr(i), MB2).unwrap())
+        .collect();
+    pass_all_ok(&reg, a);
+    pass_all_ok(&reg, b);
+    let mut back = Vec::new();
+    let gone = reg.untrack(segs[0].addr).unwrap();
+    back.extend(gone.windows.iter().map(|&(c, w)| (c, w)));
+    assert_eq!(gone.windows, vec![(b, 12), (a, 11)]);
+    for (s, w) in reg.forget(a).unwrap() {
+        assert_eq!(w, s.seq * 10 + a.0);
+        back.push((a, w));
+    }
+    for u in reg.drain() {
+        assert!(u.pass_hold.is_none());
+        back.extend(u.windows);
+    }
+    back.sort_unstable();
+    let mut expect: Vec<_> = segs
+        .iter()
+        .flat_map(|s| [(a, s.seq * 10 + 1), (b, s.seq * 10 + 2)])
+        .collect();
+    expect.sort_unstable();
+    assert_eq!(back, expect, "every window once, none twice");
+    assert_eq!(reg.stats().live_segments, 0);
+}
+
+#[test]
+fn failure_atomicity_error_keeps_the_prefix_and_a_retry_resumes() {
+    let reg = Reg::new();
+    let comm = reg.attach("a");
+    let segs: Vec<_> = (0..5)
+        .map(|i| reg.track(seg_addr(i), MB2).unwrap())
+        .collect();
+    let failure = reg
+        .register_pending(comm, |_, s| {
+            if s.seq == 3 {
+                Err("nccl said no")
+            } else {
+                Ok(Some(s.seq))
+            }
+        })
+        .err()
+        .unwrap();
+    assert_eq!(failure.report.registered, segs[..2].to_vec());
+    match failure.error {
+        PassError::Callback { segment, error } => {
+            assert_eq!(segment, segs[2]);
+            assert_eq!(error, "nccl said no");
+        }
+        e => panic!("unexpected {e:?}"),
+    }
+    assert_eq!(reg.pending(comm), Ok(3));
+    assert_eq!(
+        pass_all_ok(&reg, comm),
+        segs[2..].to_vec(),
+        "resume, no dup"
+    );
+    // The windows of the first attempt were recorded.
+    let gone = reg.untrack(segs[0].addr).unwrap();
+    assert_eq!(gone.windows, vec![(comm, 1)]);
+}
+
+#[test]
+fn failure_atomicity_a_panicking_callback_leaves_the_registry_consistent() {
+    let reg = Reg::new();
+    let comm = reg.attach("a");
+    let segs: Vec<_> = (0..3)
+        .map(|i| reg.track(seg_addr(i), MB2).unwrap())
+        .collect();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = reg.register_pending(comm, |_, s| {
+            if s.seq == 2 {
+                panic!("callback blew up");
+            }
+            Ok::<_, ()>(Some(s.seq))
+        });
+    }));
+    assert!(r.is_err(), "the panic reaches the caller");
+    assert_eq!(reg.pending(comm), Ok(2), "the panicking segment is pending");
+    assert_eq!(pass_all_ok(&reg, comm), segs[1..].to_vec());
+    let gone = reg.untrack(segs[0].addr).unwrap();
+    assert_eq!(gone.windows, vec![(comm, 1)], "no window lost");
+}
+
+#[test]
+fn progress_passes_on_one_comm_are_serialized_with_busy_and_others_run() {
+    let reg = Arc::new(Reg::new());
+    let a = reg.attach("a");
+    let b = reg.attach("b");
+    reg.track(seg_addr(0), MB2).unwrap();
+    let parked = Arc::new(Barrier::new(2));
+    let resume = Arc::new(Barrier::new(2));
+    let t = {
+        let (reg, parked, resume) = (reg.clone(), parked.clone(), resume.clone());
+        thread::spawn(move || {
+            reg.register_pending(a, |_, _| {
+                parked.wait();
+                resume.wait();
+                Ok::<_, ()>(Some(1))
+            })
+            .map(|r| r.registered.len())
+            .ok()
+        })
+    };
+    parked.wait();
+    // While a's pass blocks inside its callback (as a collective would):
+    let err = reg
+        .register_pending(a, |_, _| Ok::<_, ()>(None))
+        .err()
+        .unwrap();
+    assert!(matches!(err.error, PassError::Comm(CommError::Busy(c)) if c == a));
+    assert_eq!(pass_all_ok(&reg, b).len(), 1, "another comm's pass runs");
+    // track, untrack, lookup and iteration never wait for the pass.
+    let s = reg.track(seg_addr(1), MB2).unwrap();
+    assert_eq!(reg.find(s.addr + 5), Some(s));
+    assert_eq!(reg.segments().len(), 2);
+    assert!(reg.untrack(s.addr).is_ok());
+    resume.wait();
+    assert_eq!(t.join().unwrap(), Some(1));
+}
+
+#[test]
+fn bounded_memory_churn_with_an_idle_comm_keeps_the_log_short() {
+    let reg = Reg::new();
+    let busy = reg.attach("busy");
+    let _idle = reg.attach("idle-never-passes");
+    let live = 100;
+    for i in 0..live {
+        reg.track(seg_addr(i), MB2).unwrap();
+    }
+    let mut next = live;
+    let mut max_in_log = 0;
+    for round in 0..20_000 {
+        let victim = seg_addr(next - live);
+        drop(reg.untrack(victim).unwrap());
+        reg.track(seg_addr(next), MB2).unwrap();
+        next += 1;
+        if round % 1000 == 0 {
+            pass_all_ok(&reg, busy);
+        }
+        if round % 97 == 0 {
+            max_in_log = max_in_log.max(reg.stats().nodes.in_log);
+        }
+    }
+    let stats = reg.stats();
+    assert_eq!(stats.live_segments, live);
+    // live + live/2 (or the slack) + one pinned node per comm, with room
+    // for the node that triggers the sweep.
+    let bound = live + segment_registry::SWEEP_SLACK.max(live / 2) + 4;
+    assert!(max_in_log <= bound, "log grew to {max_in_log} > {bound}");
+    reg.flush();
+    let n = reg.stats().nodes;
+    assert!(n.retired >= 19_000, "{n:?}");
+    assert!(n.allocated - n.retired <= bound as u64 + 1, "{n:?}");
+}
+
+#[test]
+fn cost_nothing_pending_pass_walks_no_node_and_k_pending_walks_k() {
+    let reg = Reg::new();
+    let comm = reg.attach("a");
+    for i in 0..1000 {
+        reg.track(seg_addr(i), MB2).unwrap();
+    }
+    pass_all_ok(&reg, comm);
+    let before = reg.stats().nodes.pass_steps;
+    for _ in 0..10 {
+        assert!(pass_all_ok(&reg, comm).is_empty());
+    }
+    assert_eq!(reg.stats().nodes.pass_steps, before, "O(1): no node walked");
+    for i in 1000..1025 {
+        reg.track(seg_addr(i), MB2).unwrap();
+    }
+    assert_eq!(pass_all_ok(&reg, comm).len(), 25);
+    assert_eq!(
+        reg.stats().nodes.pass_steps,
+        before + 25,
+        "O(k): k nodes walked"
+    );
+}
+
+#[test]
+fn overlap_is_rejected_and_never_reaches_a_pass() {
+    let reg = Reg::new();
+    let comm = reg.attach("a");
+    let base = seg_addr(0);
+    let s = reg.track(base, 4 * MB2).unwrap();
+    for (addr, len) in [
+        (base, MB2),               // same start
+        (base - MB2, 2 * MB2),     // reaches in from the left
+        (base + MB2, MB2),         // inside
+        (base + 3 * MB2, 4 * MB2), // sticks out to the right
+        (base - MB2, 8 * MB2),     // covers it
+        (base + 4 * MB2 - 1, 2),   // last byte
+    ] {
+        assert_eq!(
+            reg.track(addr, len),
+            Err(TrackError::Overlap {
+                addr,
+                len,
+                other_addr: base,
+                other_len: 4 * MB2
+            })
+        );
+    }
+    // Touching is not overlapping.
+    let left = reg.track(base - MB2, MB2).unwrap();
+    let right = reg.track(base + 4 * MB2, MB2).unwrap();
+    assert_eq!(pass_all_ok(&reg, comm), vec![s, left, right]);
+    assert_eq!(reg.stats().live_segments, 3);
+}
+
+#[test]
+fn overlap_concurrent_tracks_leave_at_most_one_of_each_overlapping_pair() {
+    for round in 0..200 {
+        let reg = Arc::new(Reg::new());
+        let start = Arc::new(Barrier::new(4));
+        let base = seg_addr(round);
+        // Four ranges that pairwise overlap in a chain.
+        let ranges = [
+            (base, 2 * MB2),
+            (base + MB2, 2 * MB2),
+            (base + 2 * MB2, 2 * MB2),
+            (base + 3 * MB2 / 2, MB2),
+        ];
+        let handles: Vec<_> = ranges
+            .iter()
+            .map(|&(a, l)| {
+                let (reg, start) = (reg.clone(), start.clone());
+                thread::spawn(move || {
+                    start.wait();
+                    reg.track(a, l).ok()
+                })
+            })
+            .collect();
+        let won: Vec<Segment> = handles
+            .into_iter()
+            .filter_map(|h| h.join().unwrap())
+            .collect();
+        for (i, x) in won.iter().enumerate() {
+            for y in &won[i + 1..] {
+                assert!(
+                    x.end() <= y.addr || y.end() <= x.addr,
+                    "round {round}: {x:?} and {y:?} both live"
+                );
+            }
+        }
+        let live = reg.segments();
+        assert_eq!(live.len(), won.len());
+        let comm = reg.attach("a");
+        let mut reg_segs = pass_all_ok(&reg, comm);
+        reg_segs.sort_by_key(|s| s.addr);
+        assert_eq!(reg_segs, live, "rejected ranges never reach a pass");
+    }
+}
+
+#[test]
+fn bad_input_gets_a_typed_error_and_changes_nothing() {
+    let reg = Reg::new();
+    let s = reg.track(seg_addr(0), MB2).unwrap();
+    let before = (reg.segments(), reg.stats());
+    assert_eq!(
+        reg.track(0x1000, 0),
+        Err(TrackError::ZeroLength { addr: 0x1000 })
+    );
+    assert_eq!(
+        reg.track(usize::MAX - 10, 11),
+        Err(TrackError::Overflow {
+            addr: usize::MAX - 10,
+            len: 11
+        })
+    );
+    assert!(
+        reg.track(usize::MAX - 10, 10).is_ok(),
+        "ends exactly at the top"
+    );
+    reg.untrack(usize::MAX - 10).unwrap().windows.clear();
+    assert_eq!(
+        reg.untrack(s.addr + 1).unwrap_err(),
+        UntrackError::Unknown { addr: s.addr + 1 }
+    );
+    let after = (reg.segments(), reg.stats());
+    assert_eq!(before.0, after.0);
+    assert_eq!(before.1.live_segments, after.1.live_segments);
+    assert!(reg.untrack(s.addr).is_ok());
+    assert_eq!(
+        reg.untrack(s.addr).unwrap_err(),
+        UntrackError::Unknown { addr: s.addr },
+        "double untrack"
+    );
+}
+
+#[test]
+fn lookup_finds_the_containing_segment_at_every_edge() {
+    let reg = Reg::new();
+    let a = reg.track(0x10_0000, 0x1000).unwrap();
+    let b = reg.track(0x10_1000, 0x1000).unwrap();
+    assert_eq!(reg.find(0x0f_ffff), None);
+    assert_eq!(reg.find(0x10_0000), Some(a));
+    assert_eq!(reg.find(0x10_0fff), Some(a));
+    assert_eq!(reg.find(0x10_1000), Some(b));
+    assert_eq!(reg.find(0x10_1fff), Some(b));
+    assert_eq!(reg.find(0x10_2000), None);
+    assert_eq!(reg.find(0), None);
+    assert_eq!(reg.find(usize::MAX), None);
+    drop(reg.untrack(a.addr).unwrap());
+    assert_eq!(reg.find(0x10_0800), None);
+    assert_eq!(reg.find(0x10_1800), Some(b));
+}
+
+#[test]
+fn forget_racing_a_pass_returns_each_window_exactly_once() {
+    for _ in 0..50 {
+        let reg = Arc::new(Reg::new());
+        let comm = reg.attach("a");
+        for i in 0..8 {
+            reg.track(seg_addr(i), MB2).unwrap();
+        }
+        let start = Arc::new(Barrier::new(2));
+        let pass = {
+            let (reg, start) = (reg.clone(), start.clone());
+            thread::spawn(move || {
+                start.wait();
+                let report = match reg.register_pending(comm, |_, s| Ok::<_, ()>(Some(s.seq))) {
+                    Ok(r) => r,
+                    Err(f) => f.report,
+                };
+                let registered: Vec<u64> = report.registered.iter().map(|s| s.seq).collect();
+                let backs: Vec<u64> = report
+                    .handed_back
+                    .into_iter()
+                    .map(|h| {
+                        assert!(!h.hold.release(), "segments stay live");
+                        h.window
+                    })
+                    .collect();
+                (registered, backs)
+            })
+        };
+        start.wait();
+        let forgot: Vec<u64> = reg
+            .forget(comm)
+            .map(|v| v.into_iter().map(|(_, w)| w).collect())
+            .unwrap_or_default();
+        let (mut registered, mut all) = pass.join().unwrap();
+        all.extend(forgot);
+        all.sort_unstable();
+        registered.sort_unstable();
+        assert_eq!(all, registered, "each registered window back exactly once");
+        for u in reg.drain() {
+            assert!(
+                u.windows.is_empty(),
+                "a forgotten comm's window stayed recorded"
+            );
+        }
+    }
+}
