@@ -50,8 +50,8 @@ pub use error::{CommError, PassError, TrackError, UntrackError};
 pub use faults::Faults;
 pub use index::{AddressIndex, NodeRef, SkipIndex};
 pub use registry::{
-    CommStats, HandBack, Hold, NodeCounts, PassFailure, PassReport, PassResult, Registry, Stats,
-    Untracked, SWEEP_SLACK,
+    CommStats, Forgotten, HandBack, Hold, NodeCounts, PassFailure, PassReport, PassResult,
+    Registry, Stats, Untracked, SWEEP_SLACK,
 };
 
 /// A tracked segment: `[addr, addr + len)`, and its place `seq` in the order

@@ -200,6 +200,13 @@ impl<W> Records<W> {
         Self::claim_where(head, out, |c| c == comm);
     }
 
+    /// Whether the list is open and holds an unclaimed record of `comm`.
+    pub(crate) fn has_open(&self, comm: CommId) -> bool {
+        let mut found = false;
+        self.count_open(|c| found |= c == comm);
+        found
+    }
+
     /// Claims one record that this thread pushed (forget raced the pass).
     pub(crate) fn claim_own(rec: *const Record<W>) -> Option<W> {
         // SAFETY: the record belongs to a node held by the caller's pass, so

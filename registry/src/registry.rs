@@ -185,6 +185,17 @@ pub struct HandBack<'r, W> {
     pub hold: Hold<'r, W>,
 }
 
+/// What [`Registry::forget`] hands back.
+#[derive(Debug)]
+#[must_use = "the windows must be deregistered, then their holds released"]
+pub struct Forgotten<'r, W> {
+    /// The comm's windows, one per segment, each with a hold.
+    pub windows: Vec<HandBack<'r, W>>,
+    /// Untracked segments whose last hold `forget` released (a race with
+    /// their untrack): free them.
+    pub free_now: Vec<Segment>,
+}
+
 /// What a registration pass did.
 #[derive(Debug)]
 #[must_use = "hand-backs and free_now must be acted on"]
@@ -812,10 +823,13 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         self.comms.read().unwrap().get(&comm).cloned()
     }
 
-    /// Forgets a comm and hands back every window it still holds, with the
-    /// segment each belongs to. A pass running for it stops after its
-    /// current callback and hands back the window that callback returned.
-    pub fn forget(&self, comm: CommId) -> Result<Vec<(Segment, W)>, CommError> {
+    /// Forgets a comm and hands back every window it still holds.
+    ///
+    /// Each window comes as a [`HandBack`] whose hold keeps the segment's
+    /// memory from being freed (by a racing untrack) until the window is
+    /// deregistered. A pass running for the comm stops after its current
+    /// callback and hands back the window that callback returned.
+    pub fn forget(&self, comm: CommId) -> Result<Forgotten<'_, W>, CommError> {
         let slot = self
             .comms
             .write()
@@ -830,15 +844,35 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         }
         fence(Ordering::SeqCst);
         let _guard = self.reclaimer.pin();
-        let mut out = Vec::new();
+        let mut out = Forgotten {
+            windows: Vec::new(),
+            free_now: Vec::new(),
+        };
         let mut claimed = Vec::new();
         self.index.for_each(&mut |_, oref| {
             // SAFETY: protected by the guard.
             let o = unsafe { &*oref.as_ptr::<Node<W>>() };
+            // Hold the segment before taking its window, so that an untrack
+            // racing us waits for our deregistration to free the memory; a
+            // segment already untracked is left to its untrack.
+            if !o.records.has_open(comm) || !try_hold(o) {
+                return true;
+            }
             o.records.claim_comm(comm, &mut claimed);
-            if !claimed.is_empty() {
-                let seg = o.segment();
-                out.extend(claimed.drain(..).map(|(_, w)| (seg, w)));
+            let seg = o.segment();
+            let mut holding = true;
+            for (_, window) in claimed.drain(..) {
+                debug_assert!(holding, "one record per comm and segment");
+                holding = false;
+                out.windows.push(HandBack {
+                    segment: seg,
+                    comm,
+                    window,
+                    hold: Hold::new(o),
+                });
+            }
+            if holding && release_hold(o) {
+                out.free_now.push(seg);
             }
             true
         });

@@ -198,9 +198,12 @@ fn exactly_once_windows_untrack_forget_and_drain_each_hand_back_theirs() {
     let gone = reg.untrack(segs[0].addr).unwrap();
     back.extend(gone.windows.iter().map(|&(c, w)| (c, w)));
     assert_eq!(gone.windows, vec![(b, 12), (a, 11)]);
-    for (s, w) in reg.forget(a).unwrap() {
-        assert_eq!(w, s.seq * 10 + a.0);
-        back.push((a, w));
+    let forgotten = reg.forget(a).unwrap();
+    assert!(forgotten.free_now.is_empty());
+    for h in forgotten.windows {
+        assert_eq!(h.window, h.segment.seq * 10 + a.0);
+        back.push((a, h.window));
+        assert!(!h.hold.release(), "the segment is still tracked");
     }
     for u in reg.drain() {
         assert!(u.pass_hold.is_none());
@@ -531,7 +534,15 @@ fn forget_racing_a_pass_returns_each_window_exactly_once() {
         start.wait();
         let forgot: Vec<u64> = reg
             .forget(comm)
-            .map(|v| v.into_iter().map(|(_, w)| w).collect())
+            .map(|f| {
+                f.windows
+                    .into_iter()
+                    .map(|h| {
+                        assert!(!h.hold.release());
+                        h.window
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         let (mut registered, mut all) = pass.join().unwrap();
         all.extend(forgot);

@@ -160,8 +160,12 @@ fn stress_history_keeps_every_guarantee() {
     // Hand back what is left: forget every comm, then drain.
     let mut h = Arc::try_unwrap(hist).ok().unwrap().into_inner().unwrap();
     for c in reg.comms() {
-        h.windows_back
-            .extend(reg.forget(c).unwrap().into_iter().map(|(_, w)| w));
+        let f = reg.forget(c).unwrap();
+        assert!(f.free_now.is_empty());
+        for back in f.windows {
+            h.windows_back.push(back.window);
+            assert!(!back.hold.release());
+        }
     }
     for u in reg.drain() {
         assert!(u.pass_hold.is_none());
