@@ -37,6 +37,11 @@
 //! # }
 //! ```
 
+/// The README's examples, compiled and run as doc tests.
+#[cfg(all(doctest, not(feature = "loom")))]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 mod error;
 mod faults;
 mod index;

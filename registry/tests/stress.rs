@@ -56,11 +56,18 @@ fn stress_history_keeps_every_guarantee() {
     let hist = Arc::new(Mutex::new(History::default()));
     let next_window = Arc::new(AtomicU64::new(1));
     let done = Arc::new(AtomicU64::new(0));
+    let ops = Arc::new(AtomicU64::new(0));
     let start = Arc::new(Barrier::new(4));
 
     let mut threads = Vec::new();
     for t in 0..2usize {
-        let (reg, hist, done, start) = (reg.clone(), hist.clone(), done.clone(), start.clone());
+        let (reg, hist, done, start, ops) = (
+            reg.clone(),
+            hist.clone(),
+            done.clone(),
+            start.clone(),
+            ops.clone(),
+        );
         threads.push(thread::spawn(move || {
             let base = 0x1000_0000_0000 + t * 0x100_0000_0000;
             let mut live: Vec<usize> = Vec::new();
@@ -68,6 +75,7 @@ fn stress_history_keeps_every_guarantee() {
             let mut next = 0usize;
             start.wait();
             for _ in 0..CHURN_OPS {
+                ops.fetch_add(1, Ordering::Relaxed);
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
@@ -99,17 +107,25 @@ fn stress_history_keeps_every_guarantee() {
         }));
     }
     for (i, &comm) in comms.iter().enumerate() {
-        let (reg, hist, done, start, next_window) = (
+        let (reg, hist, done, start, next_window, ops) = (
             reg.clone(),
             hist.clone(),
             done.clone(),
             start.clone(),
             next_window.clone(),
+            ops.clone(),
         );
         threads.push(thread::spawn(move || {
             start.wait();
             let mut n = 0u64;
+            let mut last_ops = 0;
             loop {
+                // One pass per 64 churn operations keeps the history small.
+                while ops.load(Ordering::Relaxed) < last_ops + 64 && done.load(Ordering::SeqCst) < 2
+                {
+                    thread::yield_now();
+                }
+                last_ops = ops.load(Ordering::Relaxed);
                 let finished = done.load(Ordering::SeqCst) == 2;
                 let call = now();
                 let mut first_cb = None;
@@ -201,8 +217,9 @@ fn stress_history_keeps_every_guarantee() {
                 p.registered.windows(2).all(|w| w[0] < w[1]),
                 "seq order within a pass"
             );
+            let in_set: BTreeSet<u64> = p.registered.iter().copied().collect();
             for (&seq, life) in &h.segs {
-                let in_pass = p.registered.contains(&seq);
+                let in_pass = in_set.contains(&seq);
                 let tracked_before = life.track.1 < p.call;
                 let untracked_before = life.untrack.is_some_and(|u| u.1 < p.call);
                 let untracked_after = life.untrack.is_none_or(|u| u.0 > p.begin_by);
