@@ -6,7 +6,8 @@
 use std::ops::Bound;
 use std::ptr::NonNull;
 
-use crossbeam_skiplist::SkipMap;
+use crossbeam_epoch as epoch;
+use crossbeam_skiplist::base::SkipList;
 
 /// An opaque, copyable reference to a segment node, as the index stores it.
 ///
@@ -68,50 +69,61 @@ pub trait AddressIndex: Send + Sync {
     fn for_each(&self, f: &mut dyn FnMut(usize, NodeRef) -> bool);
 }
 
-/// The production index: a `crossbeam-skiplist` [`SkipMap`].
+/// The production index: a `crossbeam-skiplist` [`SkipList`] on
+/// crossbeam-epoch's default collector.
 ///
-/// Removal goes through `Entry::remove`, which is exact under concurrency
-/// (`SkipMap::remove(&k)` in 0.1.3 can report success to two racing callers).
+/// It uses the skiplist's guard-based API (no reference-counted entries):
+/// each method pins the current thread, which is a counter bump when the
+/// registry has already pinned it. Removal goes through `Entry::remove`,
+/// which is exact under concurrency (`SkipMap::remove(&k)` in 0.1.3 can
+/// report success to two racing callers).
 pub struct SkipIndex {
-    map: SkipMap<usize, NodeRef>,
+    list: SkipList<usize, NodeRef>,
 }
 
 impl AddressIndex for SkipIndex {
     fn new() -> Self {
         SkipIndex {
-            map: SkipMap::new(),
+            list: SkipList::new(epoch::default_collector().clone()),
         }
     }
 
     fn insert(&self, key: usize, node: NodeRef) -> Result<(), NodeRef> {
-        let e = self.map.get_or_insert(key, node);
-        if *e.value() == node {
+        let guard = &epoch::pin();
+        let e = self.list.get_or_insert(key, node, guard);
+        let found = *e.value();
+        e.release(guard);
+        if found == node {
             Ok(())
         } else {
-            Err(*e.value())
+            Err(found)
         }
     }
 
     fn remove(&self, key: usize, node: NodeRef) -> bool {
-        match self.map.get(&key) {
+        let guard = &epoch::pin();
+        match self.list.get(&key, guard) {
             Some(e) if *e.value() == node => e.remove(),
             _ => false,
         }
     }
 
     fn get(&self, key: usize) -> Option<NodeRef> {
-        self.map.get(&key).map(|e| *e.value())
+        let guard = &epoch::pin();
+        self.list.get(&key, guard).map(|e| *e.value())
     }
 
     fn below(&self, key: usize) -> Option<(usize, NodeRef)> {
-        self.map
-            .upper_bound(Bound::Excluded(&key))
+        let guard = &epoch::pin();
+        self.list
+            .upper_bound(Bound::Excluded(&key), guard)
             .map(|e| (*e.key(), *e.value()))
     }
 
     fn at_or_below(&self, key: usize) -> Option<(usize, NodeRef)> {
-        self.map
-            .upper_bound(Bound::Included(&key))
+        let guard = &epoch::pin();
+        self.list
+            .upper_bound(Bound::Included(&key), guard)
             .map(|e| (*e.key(), *e.value()))
     }
 
@@ -119,7 +131,11 @@ impl AddressIndex for SkipIndex {
         if lo >= hi {
             return;
         }
-        for e in self.map.range((Bound::Excluded(lo), Bound::Excluded(hi))) {
+        let guard = &epoch::pin();
+        for e in self
+            .list
+            .range((Bound::Excluded(lo), Bound::Excluded(hi)), guard)
+        {
             if !f(*e.key(), *e.value()) {
                 break;
             }
@@ -127,7 +143,8 @@ impl AddressIndex for SkipIndex {
     }
 
     fn for_each(&self, f: &mut dyn FnMut(usize, NodeRef) -> bool) {
-        for e in self.map.iter() {
+        let guard = &epoch::pin();
+        for e in self.list.iter(guard) {
             if !f(*e.key(), *e.value()) {
                 break;
             }
