@@ -5,7 +5,6 @@
 //! makes it unreachable last (DESIGN.md, "Who frees what").
 
 use std::cell::UnsafeCell;
-use std::mem::MaybeUninit;
 use std::ptr;
 
 use crate::state::State;
@@ -41,7 +40,7 @@ impl<W> Node<W> {
             next: AtomicPtr::new(ptr::null_mut()),
             records: Records::new(),
             beaten: Default::default(),
-            poison: PoisonFlag::default(),
+            poison: Default::default(),
         }
     }
 
@@ -109,7 +108,8 @@ pub(crate) struct Record<W> {
     /// Set by whoever takes the window out: exactly one of untrack, forget,
     /// drain, or the pass that added the record.
     claimed: AtomicBool,
-    window: UnsafeCell<MaybeUninit<W>>,
+    /// `Some` until claimed; only the claimer (or the node's drop) touches it.
+    window: UnsafeCell<Option<W>>,
     next: *mut Record<W>,
 }
 
@@ -143,7 +143,7 @@ impl<W> Records<W> {
         let rec = Box::into_raw(Box::new(Record {
             comm,
             claimed: AtomicBool::new(false),
-            window: UnsafeCell::new(MaybeUninit::new(window)),
+            window: UnsafeCell::new(Some(window)),
             next: ptr::null_mut(),
         }));
         // SeqCst (not just Release): the add is one side of two Dekker pairs,
@@ -154,8 +154,8 @@ impl<W> Records<W> {
             if head as usize & CLOSED != 0 && check_closed {
                 // SAFETY: `rec` was never shared; take it back whole.
                 let rec = unsafe { Box::from_raw(rec) };
-                // SAFETY: the window was initialised above and not taken.
-                return Err(unsafe { rec.window.get().read().assume_init() });
+                let window = rec.window.into_inner();
+                return Err(window.expect("a fresh record holds its window"));
             }
             let untagged = (head as usize & !CLOSED) as *mut Record<W>;
             // SAFETY: `rec` is still private to this thread.
@@ -221,9 +221,8 @@ impl<W> Records<W> {
         if rec.claimed.swap(true, Ordering::AcqRel) {
             return None;
         }
-        // SAFETY: we won the claim, so nobody else reads the window, and it
-        // was initialised when the record was built.
-        Some(unsafe { rec.window.get().read().assume_init() })
+        // SAFETY: we won the claim, so no other thread touches the window.
+        unsafe { (*rec.window.get()).take() }
     }
 
     fn claim_where(
@@ -267,33 +266,25 @@ impl<W> Records<W> {
 
 impl<W> Drop for Records<W> {
     fn drop(&mut self) {
-        // Exclusive access: the node is being freed.
+        // Exclusive access: the node is being freed. Unclaimed windows are
+        // dropped with their records.
         let head = self.head.load(Ordering::Relaxed);
-        let mut cur = if head as usize & CLOSED != 0 {
+        if head as usize & CLOSED != 0 {
             // The negative control may have linked records behind the tag.
-            let behind = (head as usize & !CLOSED) as *mut Record<W>;
-            Self::free_list(behind);
-            self.detached.load(Ordering::Relaxed)
+            free_list((head as usize & !CLOSED) as *mut Record<W>);
+            free_list(self.detached.load(Ordering::Relaxed));
         } else {
-            head
-        };
-        Self::free_list(std::mem::replace(&mut cur, ptr::null_mut()));
+            free_list(head);
+        }
     }
 }
 
-impl<W> Records<W> {
-    fn free_list(mut cur: *mut Record<W>) {
-        while !cur.is_null() {
-            // SAFETY: exclusive access during drop; every record was made by
-            // `Box::into_raw` and is freed once.
-            let rec = unsafe { Box::from_raw(cur) };
-            // Relaxed: exclusive access.
-            if !rec.claimed.load(Ordering::Relaxed) {
-                // SAFETY: unclaimed, so the window is still initialised.
-                drop(unsafe { rec.window.get().read().assume_init() });
-            }
-            cur = rec.next;
-        }
+fn free_list<W>(mut cur: *mut Record<W>) {
+    while !cur.is_null() {
+        // SAFETY: exclusive access during drop; every record was made by
+        // `Box::into_raw` and is in exactly one list.
+        let rec = unsafe { Box::from_raw(cur) };
+        cur = rec.next;
     }
 }
 

@@ -339,7 +339,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             naive_seq: AtomicU64::new(0),
             sweeping: AtomicBool::new(false),
             counters: std::sync::Arc::new(Counters::default()),
-            reclaimer: Reclaimer::default(),
+            reclaimer: Default::default(),
             faults,
         }
     }

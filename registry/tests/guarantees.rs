@@ -49,7 +49,7 @@ fn comms_ids_are_never_reused_and_all_comm_passes_go_in_attach_order() {
     let reg = Reg::new();
     let a = reg.attach("a");
     let b = reg.attach("b");
-    reg.forget(a).unwrap();
+    assert!(reg.forget(a).unwrap().windows.is_empty());
     let c = reg.attach("c");
     assert!(c > b && b > a, "ids grow and are never reused");
     assert_eq!(reg.comms(), vec![b, c]);
@@ -73,7 +73,7 @@ fn comms_pass_on_unattached_or_forgotten_comm_is_a_typed_error() {
         .unwrap();
     assert!(matches!(err.error, PassError::Comm(CommError::NotAttached(c)) if c == never));
     let a = reg.attach("a");
-    reg.forget(a).unwrap();
+    assert!(reg.forget(a).unwrap().windows.is_empty());
     let err = reg
         .register_pending(a, |_, _| Ok::<_, ()>(None))
         .err()
@@ -323,13 +323,11 @@ fn bounded_memory_churn_with_an_idle_comm_keeps_the_log_short() {
     for i in 0..live {
         reg.track(seg_addr(i), MB2).unwrap();
     }
-    let mut next = live;
     let mut max_in_log = 0;
-    for round in 0..20_000 {
+    for (round, next) in (live..live + 20_000).enumerate() {
         let victim = seg_addr(next - live);
         drop(reg.untrack(victim).unwrap());
         reg.track(seg_addr(next), MB2).unwrap();
-        next += 1;
         if round % 1000 == 0 {
             pass_all_ok(&reg, busy);
         }
