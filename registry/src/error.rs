@@ -79,3 +79,44 @@ pub enum PassError<E> {
     #[error("{0} was forgotten while its pass ran")]
     Forgotten(CommId),
 }
+
+/// Why [`Registry::window_of`](crate::Registry::window_of) found no window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WindowLookupError {
+    /// The comm was never attached, or has been forgotten.
+    #[error("{0} is not attached")]
+    NotAttached(CommId),
+    /// No tracked segment contains the pointer.
+    #[error("no tracked segment contains {ptr:#x}")]
+    NotTracked {
+        /// The pointer given.
+        ptr: usize,
+    },
+    /// The range starts in a segment but runs past its end.
+    #[error("[{ptr:#x}, +{size}) runs past the end of {segment:?}")]
+    CrossesEnd {
+        /// The pointer given.
+        ptr: usize,
+        /// The size given.
+        size: usize,
+        /// The segment that contains `ptr`.
+        segment: Segment,
+    },
+    /// The segment is tracked but has not been registered with this comm yet
+    /// (a registration pass is missing).
+    #[error("{segment:?} is not registered with {comm} yet")]
+    NotRegistered {
+        /// The comm.
+        comm: CommId,
+        /// The segment.
+        segment: Segment,
+    },
+    /// Registered without a window: the comm has no symmetric support.
+    #[error("{segment:?} is registered with {comm} without a window (no symmetric support)")]
+    NoWindow {
+        /// The comm.
+        comm: CommId,
+        /// The segment.
+        segment: Segment,
+    },
+}

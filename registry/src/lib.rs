@@ -50,7 +50,7 @@ mod registry;
 mod state;
 mod sync;
 
-pub use error::{CommError, PassError, TrackError, UntrackError};
+pub use error::{CommError, PassError, TrackError, UntrackError, WindowLookupError};
 #[cfg(feature = "test-support")]
 pub use faults::Faults;
 pub use index::{AddressIndex, NodeRef, SkipIndex};

@@ -4,7 +4,7 @@
 //! it; it is freed exactly once, through the reclaimer, by the thread that
 //! makes it unreachable last (DESIGN.md, "Who frees what").
 
-use std::cell::UnsafeCell;
+use std::mem::ManuallyDrop;
 use std::ptr;
 
 use crate::state::State;
@@ -102,25 +102,39 @@ impl<W> Node<W> {
     }
 }
 
-/// One window registered for a segment with one comm.
+/// One registration of a segment with one comm, and its window if any.
 pub(crate) struct Record<W> {
     pub(crate) comm: CommId,
     /// Set by whoever takes the window out: exactly one of untrack, forget,
     /// drain, or the pass that added the record.
     claimed: AtomicBool,
-    /// `Some` until claimed; only the claimer (or the node's drop) touches it.
-    window: UnsafeCell<Option<W>>,
+    /// Never written after the record is published: the claimer moves it
+    /// out bitwise and `claimed` tells `Drop` not to drop it again. That is
+    /// what lets a lookup copy a `W: Copy` window while another thread
+    /// claims it.
+    window: ManuallyDrop<Option<W>>,
     next: *mut Record<W>,
 }
 
 /// Tag on the list head once untrack has closed it.
 const CLOSED: usize = 1;
 
-/// A lock-free list of window records (a Treiber stack that can be closed).
+/// A lock-free list of registration records (a Treiber stack that can be
+/// closed).
 pub(crate) struct Records<W> {
     head: AtomicPtr<Record<W>>,
     /// The list as it was when it was closed, kept so the node can free it.
     detached: AtomicPtr<Record<W>>,
+}
+
+/// What a lookup finds for one comm on one segment.
+pub(crate) enum Registration<W> {
+    /// Registered, with this window.
+    Window(W),
+    /// Registered without a window (no symmetric support).
+    NoWindow,
+    /// Not registered (or its window was handed back).
+    None,
 }
 
 impl<W> Records<W> {
@@ -131,19 +145,20 @@ impl<W> Records<W> {
         }
     }
 
-    /// Adds a window. Fails, giving the window back, if the list is closed
-    /// (the segment was untracked). `check_closed == false` is the negative
+    /// Records a registration (`window == None`: registered without a
+    /// window). Fails, giving the window back, if the list is closed (the
+    /// segment was untracked). `check_closed == false` is the negative
     /// control that forgets to look.
     pub(crate) fn push(
         &self,
         comm: CommId,
-        window: W,
+        window: Option<W>,
         check_closed: bool,
-    ) -> Result<*const Record<W>, W> {
+    ) -> Result<*const Record<W>, Option<W>> {
         let rec = Box::into_raw(Box::new(Record {
             comm,
             claimed: AtomicBool::new(false),
-            window: UnsafeCell::new(Some(window)),
+            window: ManuallyDrop::new(window),
             next: ptr::null_mut(),
         }));
         // SeqCst (not just Release): the add is one side of two Dekker pairs,
@@ -154,8 +169,7 @@ impl<W> Records<W> {
             if head as usize & CLOSED != 0 && check_closed {
                 // SAFETY: `rec` was never shared; take it back whole.
                 let rec = unsafe { Box::from_raw(rec) };
-                let window = rec.window.into_inner();
-                return Err(window.expect("a fresh record holds its window"));
+                return Err(ManuallyDrop::into_inner(rec.window));
             }
             let untagged = (head as usize & !CLOSED) as *mut Record<W>;
             // SAFETY: `rec` is still private to this thread.
@@ -177,69 +191,76 @@ impl<W> Records<W> {
         }
     }
 
-    /// Closes the list and claims every record not claimed yet.
+    /// Closes the list and claims every window not claimed yet.
     pub(crate) fn close(&self, out: &mut Vec<(CommId, W)>) {
         // SeqCst: the other side of the Dekker pair with `push`.
         let head = self.head.swap(CLOSED as *mut Record<W>, Ordering::SeqCst);
         if head as usize & CLOSED != 0 {
-            return; // already closed (a double untrack lost its CAS earlier)
+            return; // already closed
         }
-        // Release: publishes nothing new; ordered only for `Drop`, which has
-        // exclusive access anyway.
+        // Release: read back only by `claim_comm` (Acquire) and by `Drop`.
         self.detached.store(head, Ordering::Release);
-        Self::claim_where(head, out, |_| true);
+        claim_where(head, out, |_| true);
     }
 
-    /// Claims the records of one comm on an open or closed list.
+    /// Claims the windows of one comm.
     pub(crate) fn claim_comm(&self, comm: CommId, out: &mut Vec<(CommId, W)>) {
         // Acquire: see the records pushed before, and their windows.
         let mut head = self.head.load(Ordering::Acquire);
         if head as usize & CLOSED != 0 {
             head = self.detached.load(Ordering::Acquire);
         }
-        Self::claim_where(head, out, |c| c == comm);
-    }
-
-    /// Whether the list is open and holds an unclaimed record of `comm`.
-    pub(crate) fn has_open(&self, comm: CommId) -> bool {
-        let mut found = false;
-        self.count_open(|c| found |= c == comm);
-        found
+        claim_where(head, out, |c| c == comm);
     }
 
     /// Claims one record that this thread pushed (forget raced the pass).
     pub(crate) fn claim_own(rec: *const Record<W>) -> Option<W> {
         // SAFETY: the record belongs to a node held by the caller's pass, so
         // the node (and its records) cannot be freed.
-        let rec = unsafe { &*rec };
-        Self::claim(rec)
+        claim(unsafe { &*rec })
     }
 
-    fn claim(rec: &Record<W>) -> Option<W> {
-        // AcqRel: exactly one claimer wins; Acquire sees the window written
-        // before the record was published.
-        if rec.claimed.swap(true, Ordering::AcqRel) {
-            return None;
+    /// Whether the list is open and holds an unclaimed window of `comm`.
+    pub(crate) fn has_open(&self, comm: CommId) -> bool {
+        let mut found = false;
+        self.for_each_open(|r| found |= r.comm == comm && r.window.is_some());
+        found
+    }
+
+    /// What is recorded for `comm`, copying the window (`W: Copy`, so a
+    /// claimer moving it out concurrently is harmless).
+    pub(crate) fn lookup(&self, comm: CommId) -> Registration<W>
+    where
+        W: Copy,
+    {
+        let mut found = Registration::None;
+        self.for_each_open(|r| {
+            if r.comm == comm {
+                found = match *r.window {
+                    Some(w) => Registration::Window(w),
+                    None => Registration::NoWindow,
+                };
+            }
+        });
+        found
+    }
+
+    /// Calls `f` on each unclaimed record of an open list.
+    pub(crate) fn for_each_open(&self, mut f: impl FnMut(&Record<W>)) {
+        // Acquire: see the records pushed before, and their windows.
+        let head = self.head.load(Ordering::Acquire);
+        if head as usize & CLOSED != 0 {
+            return;
         }
-        // SAFETY: we won the claim, so no other thread touches the window.
-        unsafe { (*rec.window.get()).take() }
-    }
-
-    fn claim_where(
-        mut cur: *mut Record<W>,
-        out: &mut Vec<(CommId, W)>,
-        mut pick: impl FnMut(CommId) -> bool,
-    ) {
-        cur = (cur as usize & !CLOSED) as *mut Record<W>;
+        let mut cur = head;
         while !cur.is_null() {
             // SAFETY: records live as long as their node, which the caller
-            // keeps alive (a guard or a hold), and `next` is immutable once
-            // the record is published.
+            // keeps alive (a guard or a hold); `next` is immutable once the
+            // record is published.
             let rec = unsafe { &*cur };
-            if pick(rec.comm) {
-                if let Some(w) = Self::claim(rec) {
-                    out.push((rec.comm, w));
-                }
+            // Acquire: a claimed record's window is gone.
+            if !rec.claimed.load(Ordering::Acquire) {
+                f(rec);
             }
             cur = rec.next;
         }
@@ -247,20 +268,41 @@ impl<W> Records<W> {
 
     /// Number of windows not claimed yet, per comm.
     pub(crate) fn count_open(&self, mut f: impl FnMut(CommId)) {
-        let head = self.head.load(Ordering::Acquire);
-        if head as usize & CLOSED != 0 {
-            return;
-        }
-        let mut cur = head;
-        while !cur.is_null() {
-            // SAFETY: as in `claim_where`.
-            let rec = unsafe { &*cur };
-            // Relaxed: a statistic, not a decision.
-            if !rec.claimed.load(Ordering::Relaxed) {
-                f(rec.comm);
+        self.for_each_open(|r| {
+            if r.window.is_some() {
+                f(r.comm)
             }
-            cur = rec.next;
+        });
+    }
+}
+
+fn claim<W>(rec: &Record<W>) -> Option<W> {
+    // AcqRel: exactly one claimer wins; Acquire sees the window written
+    // before the record was published.
+    if rec.claimed.swap(true, Ordering::AcqRel) {
+        return None;
+    }
+    // SAFETY: we won the claim: nobody else moves the window out, and
+    // `Drop` will not drop it (it checks `claimed`); concurrent lookups only
+    // copy `W: Copy` values, which a bitwise move does not disturb.
+    unsafe { ptr::read(&*rec.window) }
+}
+
+fn claim_where<W>(
+    mut cur: *mut Record<W>,
+    out: &mut Vec<(CommId, W)>,
+    mut pick: impl FnMut(CommId) -> bool,
+) {
+    cur = (cur as usize & !CLOSED) as *mut Record<W>;
+    while !cur.is_null() {
+        // SAFETY: as in `for_each_open`.
+        let rec = unsafe { &*cur };
+        if pick(rec.comm) {
+            if let Some(w) = claim(rec) {
+                out.push((rec.comm, w));
+            }
         }
+        cur = rec.next;
     }
 }
 
@@ -283,8 +325,13 @@ fn free_list<W>(mut cur: *mut Record<W>) {
     while !cur.is_null() {
         // SAFETY: exclusive access during drop; every record was made by
         // `Box::into_raw` and is in exactly one list.
-        let rec = unsafe { Box::from_raw(cur) };
+        let mut rec = unsafe { Box::from_raw(cur) };
         cur = rec.next;
+        // Relaxed: exclusive access.
+        if !rec.claimed.load(Ordering::Relaxed) {
+            // SAFETY: unclaimed, so the window was never moved out.
+            unsafe { ManuallyDrop::drop(&mut rec.window) };
+        }
     }
 }
 

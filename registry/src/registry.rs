@@ -9,10 +9,10 @@ use std::mem::ManuallyDrop;
 use std::ptr;
 use std::sync::atomic::{AtomicU64 as StatU64, AtomicUsize as StatUsize, Ordering as StatOrdering};
 
-use crate::error::{CommError, PassError, TrackError, UntrackError};
+use crate::error::{CommError, PassError, TrackError, UntrackError, WindowLookupError};
 use crate::faults::Switches;
 use crate::index::{AddressIndex, NodeRef, SkipIndex};
-use crate::node::{Node, Records};
+use crate::node::{Node, Records, Registration};
 use crate::state::{Phase, State, HOLD_ONE, IN_INDEX, PIN_ONE, UNLINKED};
 use crate::sync::{
     fence, Arc, AtomicBool, AtomicPtr, AtomicU64, Guard, Ordering, Reclaimer, RwLock,
@@ -194,6 +194,18 @@ pub struct Forgotten<'r, W> {
     /// Untracked segments whose last hold `forget` released (a race with
     /// their untrack): free them.
     pub free_now: Vec<Segment>,
+}
+
+/// A window found by [`Registry::window_of`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowRef<W> {
+    /// The window registered with the comm.
+    pub window: W,
+    /// Offset of the queried pointer from the segment's start (the window's
+    /// start).
+    pub offset: usize,
+    /// The segment that contains the range.
+    pub segment: Segment,
 }
 
 /// What a registration pass did.
@@ -723,15 +735,83 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
     /// The tracked segment that contains `addr`, if any. Lock-free; O(log n).
     pub fn find(&self, addr: usize) -> Option<Segment> {
         let _guard = self.reclaimer.pin();
+        self.find_node(addr).map(Node::segment)
+    }
+
+    /// The window registered with `comm` for the tracked segment that
+    /// contains the whole byte range `[ptr, ptr + size)`, and the offset of
+    /// `ptr` in it: what NCCL's device API (`ncclGetLocalPointer(window,
+    /// offset)`) needs to address a tensor.
+    ///
+    /// The answer is lock-free and O(log n) when there is a window; the
+    /// error answers that must tell "comm not attached" apart read the comm
+    /// table under its read lock. Linearizable against untrack, forget and
+    /// passes: a window is returned only while it is recorded, never after
+    /// untrack or forget has handed it back.
+    ///
+    /// ```
+    /// # #[cfg(not(feature = "loom"))] {
+    /// use segment_registry::{Registry, WindowLookupError};
+    ///
+    /// let reg: Registry<(), u64> = Registry::new();
+    /// let comm = reg.attach(());
+    /// let seg = reg.track(0x20_0000, 0x20_0000).unwrap();
+    /// assert!(matches!(
+    ///     reg.window_of(comm, 0x20_1000, 64),
+    ///     Err(WindowLookupError::NotRegistered { .. })
+    /// ));
+    /// let _ = reg.register_pending(comm, |_, _| Ok::<_, ()>(Some(7))).unwrap();
+    /// let found = reg.window_of(comm, 0x20_1000, 64).unwrap();
+    /// assert_eq!((found.window, found.offset, found.segment), (7, 0x1000, seg));
+    /// # }
+    /// ```
+    pub fn window_of(
+        &self,
+        comm: CommId,
+        ptr: usize,
+        size: usize,
+    ) -> Result<WindowRef<W>, WindowLookupError>
+    where
+        W: Copy,
+    {
+        let _guard = self.reclaimer.pin();
+        let found = self.find_node(ptr).map(|o| {
+            let seg = o.segment();
+            (seg, o.records.lookup(comm))
+        });
+        // Only the error answers read the comm table.
+        let not_attached = || !self.comms.read().unwrap().contains_key(&comm);
+        let (segment, reg) = match found {
+            Some(f) => f,
+            None if not_attached() => return Err(WindowLookupError::NotAttached(comm)),
+            None => return Err(WindowLookupError::NotTracked { ptr }),
+        };
+        if ptr.checked_add(size).is_none_or(|end| end > segment.end()) {
+            return Err(WindowLookupError::CrossesEnd { ptr, size, segment });
+        }
+        match reg {
+            Registration::Window(window) => Ok(WindowRef {
+                window,
+                offset: ptr - segment.addr,
+                segment,
+            }),
+            _ if not_attached() => Err(WindowLookupError::NotAttached(comm)),
+            Registration::NoWindow => Err(WindowLookupError::NoWindow { comm, segment }),
+            Registration::None => Err(WindowLookupError::NotRegistered { comm, segment }),
+        }
+    }
+
+    /// The live node containing `addr`; the caller holds a guard.
+    fn find_node(&self, addr: usize) -> Option<&Node<W>> {
         let mut key = addr;
         loop {
             let (k, oref) = self.index.at_or_below(key)?;
-            // SAFETY: protected by the guard.
+            // SAFETY: protected by the caller's guard.
             let o = unsafe { &*oref.as_ptr::<Node<W>>() };
             if o.load_state().phase() == Phase::Live {
                 // Live segments never overlap, so no live one further left
                 // can contain `addr`.
-                return (o.end() > addr).then(|| o.segment());
+                return (o.end() > addr).then_some(o);
             }
             // A pending, dead or rejected entry can hide a live one.
             key = k.checked_sub(1)?;
@@ -1223,22 +1303,21 @@ impl<'r, C, W, I: AddressIndex> PassRun<'_, 'r, C, W, I> {
             }
             self.report.registered.push(seg);
             let mut owns = true;
-            if let Some(w) = window {
-                let check = !self.reg.faults.unchecked_window_add();
-                match node.records.push(comm, w, check) {
-                    Err(w) => {
-                        // Untracked while we registered it: hand it back.
-                        self.hand_back(o, seg, w);
-                        owns = false;
-                    }
-                    Ok(rec) => {
-                        // Dekker with forget: add; fence; read the flag.
-                        fence(Ordering::SeqCst);
-                        if self.slot.state.load(Ordering::SeqCst) & FORGOTTEN != 0 {
-                            if let Some(w) = Records::claim_own(rec) {
-                                self.hand_back(o, seg, w);
-                                owns = false;
-                            }
+            let check = !self.reg.faults.unchecked_window_add();
+            match node.records.push(comm, window, check) {
+                Err(Some(w)) => {
+                    // Untracked while we registered it: hand it back.
+                    self.hand_back(o, seg, w);
+                    owns = false;
+                }
+                Err(None) => {} // untracked meanwhile; nothing to hand back
+                Ok(rec) => {
+                    // Dekker with forget: add; fence; read the flag.
+                    fence(Ordering::SeqCst);
+                    if self.slot.state.load(Ordering::SeqCst) & FORGOTTEN != 0 {
+                        if let Some(w) = Records::claim_own(rec) {
+                            self.hand_back(o, seg, w);
+                            owns = false;
                         }
                     }
                 }

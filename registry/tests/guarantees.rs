@@ -555,3 +555,75 @@ fn forget_racing_a_pass_returns_each_window_exactly_once() {
         }
     }
 }
+
+#[test]
+fn window_lookup_answers_every_case_with_a_typed_result() {
+    use segment_registry::WindowLookupError as E;
+    let reg = Reg::new();
+    let a = reg.attach("a");
+    let b = reg.attach("b");
+    let s = reg.track(seg_addr(0), 4 * MB2).unwrap();
+    let t = reg.track(seg_addr(1), MB2).unwrap();
+    assert_eq!(
+        reg.window_of(a, s.addr + 64, 64),
+        Err(E::NotRegistered {
+            comm: a,
+            segment: s
+        })
+    );
+    pass_all_ok(&reg, a);
+    // b registers without a window (no symmetric support).
+    let _ = reg.register_pending(b, |_, _| Ok::<_, ()>(None)).unwrap();
+    let w = reg.window_of(a, s.addr + 0x1234, 0x100).unwrap();
+    assert_eq!(
+        (w.window, w.offset, w.segment),
+        (s.seq * 10 + a.0, 0x1234, s)
+    );
+    let whole = reg.window_of(a, s.addr, s.len).unwrap();
+    assert_eq!(whole.offset, 0);
+    assert_eq!(
+        reg.window_of(a, s.end() - 8, 16),
+        Err(E::CrossesEnd {
+            ptr: s.end() - 8,
+            size: 16,
+            segment: s
+        })
+    );
+    assert_eq!(
+        reg.window_of(a, usize::MAX - 1, 16),
+        Err(E::NotTracked {
+            ptr: usize::MAX - 1
+        })
+    );
+    assert_eq!(
+        reg.window_of(b, t.addr, 8),
+        Err(E::NoWindow {
+            comm: b,
+            segment: t
+        })
+    );
+    assert_eq!(
+        reg.window_of(CommId(99), s.addr, 8),
+        Err(E::NotAttached(CommId(99)))
+    );
+    // After untrack: not tracked; after forget: not attached.
+    let gone = reg.untrack(t.addr).unwrap();
+    assert_eq!(gone.windows, vec![(a, t.seq * 10 + a.0)]);
+    assert_eq!(
+        reg.window_of(a, t.addr, 8),
+        Err(E::NotTracked { ptr: t.addr })
+    );
+    let f = reg.forget(a).unwrap();
+    assert_eq!(f.windows.len(), 1);
+    for h in f.windows {
+        assert!(!h.hold.release());
+    }
+    assert_eq!(reg.window_of(a, s.addr, 8), Err(E::NotAttached(a)));
+    assert_eq!(
+        reg.window_of(b, s.addr, 8),
+        Err(E::NoWindow {
+            comm: b,
+            segment: s
+        })
+    );
+}
