@@ -97,7 +97,7 @@ fn stress_history_keeps_every_guarantee() {
                     h.windows_back.extend(gone.windows.iter().map(|&(_, w)| w));
                     // "Deregister" the windows, then free if ours is the
                     // last claim on the memory.
-                    let free = gone.pass_hold.map_or(true, |hold| hold.release());
+                    let free = gone.pass_hold.is_none_or(|hold| hold.release());
                     if free {
                         h.frees.push(gone.segment.seq);
                     }
