@@ -135,6 +135,8 @@ pub(crate) enum Registration<W> {
     NoWindow,
     /// Not registered (or its window was handed back).
     None,
+    /// The list is closed: the segment was untracked.
+    Closed,
 }
 
 impl<W> Records<W> {
@@ -233,6 +235,10 @@ impl<W> Records<W> {
     where
         W: Copy,
     {
+        // Acquire: pairs with the closing swap.
+        if self.head.load(Ordering::Acquire) as usize & CLOSED != 0 {
+            return Registration::Closed;
+        }
         let mut found = Registration::None;
         self.for_each_open(|r| {
             if r.comm == comm {

@@ -4,7 +4,6 @@
 //! step they implement.
 
 use std::collections::BTreeMap;
-use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::ptr;
 use std::sync::atomic::{AtomicU64 as StatU64, AtomicUsize as StatUsize, Ordering as StatOrdering};
@@ -52,6 +51,34 @@ struct CommSlot<C, W> {
     cursor: AtomicPtr<Node<W>>,
     /// The naive negative control's "highest seq seen".
     naive_max_seq: AtomicU64,
+    /// What a pass whose callback panicked could not report: handed to the
+    /// next pass on this comm, or to `forget`. A std mutex, touched only on
+    /// that path, by the BUSY owner or by forget.
+    orphans: std::sync::Mutex<Orphans<W>>,
+}
+
+/// Hand-backs and frees of a pass that unwound (see `CommSlot::orphans`).
+struct Orphans<W> {
+    handed_back: Vec<(Segment, W, *const Node<W>)>,
+    free_now: Vec<Segment>,
+}
+
+impl<C, W> CommSlot<C, W> {
+    /// Takes the orphans as hand-backs (each keeps the hold it had).
+    fn take_orphans<'r>(&self, counters: &'r Counters) -> (Vec<HandBack<'r, W>>, Vec<Segment>) {
+        let mut o = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+        let backs = o
+            .handed_back
+            .drain(..)
+            .map(|(segment, window, node)| HandBack {
+                segment,
+                comm: self.id,
+                window,
+                hold: Hold::new(node, counters),
+            })
+            .collect();
+        (backs, std::mem::take(&mut o.free_now))
+    }
 }
 
 /// A concurrent registry of memory segments with per-comm watermarks.
@@ -90,6 +117,7 @@ pub struct Registry<C, W, I: AddressIndex = SkipIndex> {
     next_comm: AtomicU64,
     naive_seq: AtomicU64,
     sweeping: AtomicBool,
+    sweep_slack: usize,
     counters: std::sync::Arc<Counters>,
     reclaimer: Reclaimer,
     faults: Switches,
@@ -111,11 +139,13 @@ pub struct Untracked<'r, W> {
     /// Every window still registered for it, per comm: deregister them
     /// before freeing the memory.
     pub windows: Vec<(CommId, W)>,
-    /// `Some` if a registration pass still held the segment when it was
-    /// untracked: that pass registers it anyway (its set was fixed when it
-    /// began) and hands the window back itself. Deregister `windows`, then
-    /// [`Hold::release`]: free the memory only if it returns `true`;
-    /// otherwise the pass reports the segment in [`PassReport::free_now`].
+    /// `Some` if a registration pass (or a `forget`) still held the segment
+    /// when it was untracked: a pass registers it anyway (its set was fixed
+    /// when it began) and hands the window back itself. Deregister
+    /// `windows`, then [`Hold::release`]: free the memory only if it returns
+    /// `true`; otherwise whoever releases the last hold frees it (a pass
+    /// lists it in [`PassReport::free_now`], a hand-back's `release` returns
+    /// `true`).
     pub pass_hold: Option<Hold<'r, W>>,
 }
 
@@ -124,7 +154,7 @@ pub struct Untracked<'r, W> {
 #[must_use = "release the hold to learn whether to free the memory"]
 pub struct Hold<'r, W> {
     node: *const Node<W>,
-    _registry: PhantomData<&'r ()>,
+    counters: &'r Counters,
 }
 
 // SAFETY: a hold only touches the node's atomic state word.
@@ -132,25 +162,24 @@ unsafe impl<W: Send> Send for Hold<'_, W> {}
 // SAFETY: as above.
 unsafe impl<W: Send> Sync for Hold<'_, W> {}
 
-impl<W> Hold<'_, W> {
-    fn new(node: *const Node<W>) -> Self {
-        Hold {
-            node,
-            _registry: PhantomData,
-        }
+impl<'r, W> Hold<'r, W> {
+    fn new(node: *const Node<W>, counters: &'r Counters) -> Self {
+        Hold { node, counters }
     }
 
     /// Drops the hold. `true` if it was the last hold on an untracked
     /// segment: the caller must now free the memory.
     pub fn release(self) -> bool {
         let me = ManuallyDrop::new(self);
-        release_hold(me.node)
+        release_hold(me.node, me.counters)
     }
 }
 
 impl<W> Drop for Hold<'_, W> {
     fn drop(&mut self) {
-        release_hold(self.node);
+        // Dropped unreleased: the "free now" answer is lost (see
+        // `#[must_use]`); the hold itself is not.
+        release_hold(self.node, self.counters);
     }
 }
 
@@ -160,14 +189,21 @@ impl<W> std::fmt::Debug for Hold<'_, W> {
     }
 }
 
-fn release_hold<W>(node: *const Node<W>) -> bool {
+/// Releases one hold; `true` if it was the last one on a dead node. The
+/// caller must not touch the node afterwards (it may be swept and freed).
+fn release_hold<W>(node: *const Node<W>, counters: &Counters) -> bool {
     // SAFETY: a node with a hold is never unlinked, so never freed.
     let node = unsafe { &*node };
     // SeqCst: the hold count decides who frees the memory; every party's
     // deregistrations happen before its release.
     let prev = State(node.get().state.fetch_sub(HOLD_ONE, Ordering::SeqCst));
     debug_assert!(prev.holds() > 0);
-    prev.holds() == 1 && prev.phase() == Phase::Dead
+    let last = prev.holds() == 1 && prev.phase() == Phase::Dead;
+    if last && prev.pins() == 0 {
+        // The node just became sweepable: count it for the next sweep.
+        counters.unswept.fetch_add(1, StatOrdering::Relaxed);
+    }
+    last
 }
 
 /// A window that a pass hands back instead of recording it.
@@ -194,6 +230,10 @@ pub struct Forgotten<'r, W> {
     /// Untracked segments whose last hold `forget` released (a race with
     /// their untrack): free them.
     pub free_now: Vec<Segment>,
+    /// A pass for the comm was inside a callback when it was forgotten: it
+    /// stops after that callback and hands its window back in its own
+    /// report. Do not destroy the comm before that pass has returned.
+    pub pass_running: bool,
 }
 
 /// A window found by [`Registry::window_of`].
@@ -340,6 +380,14 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         Self::build(Switches::new(faults))
     }
 
+    /// Sets how many dead nodes the log may carry beyond half the live
+    /// count before an untrack sweeps it (default [`SWEEP_SLACK`]). Smaller
+    /// means tighter memory and more frequent sweeps; the models use 0.
+    pub fn with_sweep_slack(mut self, slack: usize) -> Self {
+        self.sweep_slack = slack;
+        self
+    }
+
     fn build(faults: Switches) -> Self {
         let head = Box::into_raw(Box::new(Node::new(0, 0, State::sentinel())));
         Registry {
@@ -350,6 +398,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             next_comm: AtomicU64::new(0),
             naive_seq: AtomicU64::new(0),
             sweeping: AtomicBool::new(false),
+            sweep_slack: SWEEP_SLACK,
             counters: std::sync::Arc::new(Counters::default()),
             reclaimer: Default::default(),
             faults,
@@ -432,7 +481,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
                 if st.phase() != Phase::Pending {
                     return Err(me.beaten_by());
                 }
-                match me.state.compare_exchange(
+                match me.get().state.compare_exchange(
                     st.0,
                     st.with_phase(Phase::Accepted).0,
                     Ordering::SeqCst,
@@ -517,7 +566,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
                 Phase::Accepted | Phase::Live => return Err((o.addr, o.len)),
                 Phase::Pending if me.addr < o.addr => {
                     o.set_beaten_by(me.addr, me.len);
-                    match o.state.compare_exchange(
+                    match o.get().state.compare_exchange(
                         st.0,
                         st.with_phase(Phase::Rejected).0,
                         Ordering::SeqCst,
@@ -536,7 +585,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
     fn reject(&self, me: &Node<W>, me_ref: NodeRef, guard: &Guard) {
         let mut st = me.load_state();
         while st.phase() == Phase::Pending {
-            match me.state.compare_exchange(
+            match me.get().state.compare_exchange(
                 st.0,
                 st.with_phase(Phase::Rejected).0,
                 Ordering::SeqCst,
@@ -635,7 +684,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
 
         // Step U2: close the window list and claim what is there.
         let mut windows = Vec::new();
-        o.records.close(&mut windows);
+        o.get().records.close(&mut windows);
 
         // Step U3: out of the index.
         if self.index.remove(addr, oref) {
@@ -651,14 +700,14 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         // Step U4: count the dead node; sweep the log once enough died.
         let unswept = self.counters.unswept.fetch_add(1, StatOrdering::Relaxed) + 1;
         let live = self.counters.live_segments.load(StatOrdering::Relaxed);
-        if unswept > SWEEP_SLACK.max(live / 2) {
+        if unswept > self.sweep_slack.max(live / 2) {
             self.sweep(&guard);
         }
 
         Ok(Untracked {
             segment: o.segment(),
             windows,
-            pass_hold: held.then(|| Hold::new(o)),
+            pass_hold: held.then(|| Hold::new(o, &self.counters)),
         })
     }
 
@@ -671,10 +720,13 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         }
         self.counters.unswept.store(0, StatOrdering::Relaxed);
         self.counters.sweeps.fetch_add(1, StatOrdering::Relaxed);
+        // Sweep up to the last node of now, not of whenever we get there:
+        // appends keep moving the end, and a sweep must be bounded.
+        let stop = self.last_node();
         let mut prev = self.head as *const Node<W>;
         // SAFETY: the sentinel lives as long as the registry.
         let mut cur = unsafe { &*prev }.next.load(Ordering::Acquire);
-        while !cur.is_null() {
+        while !cur.is_null() && cur as *const Node<W> != stop {
             // SAFETY: reached through log links under the guard.
             let c = unsafe { &*cur };
             // Acquire: see the successor's fields.
@@ -705,6 +757,21 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         }
         // Release: hand the log to the next sweeper.
         self.sweeping.store(false, Ordering::Release);
+    }
+
+    /// The node whose link is null now (the caller holds a guard).
+    fn last_node(&self) -> *const Node<W> {
+        // Acquire: see the node the hint points at.
+        let mut t = self.tail.load(Ordering::Acquire);
+        loop {
+            // SAFETY: the tail hint and the links it leads to are linked
+            // nodes, protected by the caller's guard.
+            let n = unsafe { &*t }.get().next.load(Ordering::Acquire);
+            if n.is_null() {
+                return t;
+            }
+            t = n;
+        }
     }
 
     /// Hands an unreachable node to the reclaimer.
@@ -777,7 +844,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         let _guard = self.reclaimer.pin();
         let found = self.find_node(ptr).map(|o| {
             let seg = o.segment();
-            (seg, o.records.lookup(comm))
+            (seg, o.get().records.lookup(comm))
         });
         // Only the error answers read the comm table.
         let not_attached = || !self.comms.read().unwrap().contains_key(&comm);
@@ -795,6 +862,8 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
                 offset: ptr - segment.addr,
                 segment,
             }),
+            // Untracked since `find_node` saw it live: linearize after that.
+            Registration::Closed => Err(WindowLookupError::NotTracked { ptr }),
             _ if not_attached() => Err(WindowLookupError::NotAttached(comm)),
             Registration::NoWindow => Err(WindowLookupError::NoWindow { comm, segment }),
             Registration::None => Err(WindowLookupError::NotRegistered { comm, segment }),
@@ -874,13 +943,17 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         let head = unsafe { &*self.head };
         // SeqCst: the pin count shares the word the sweeper CASes (the
         // sentinel is never swept anyway).
-        head.state.fetch_add(PIN_ONE, Ordering::SeqCst);
+        head.get().state.fetch_add(PIN_ONE, Ordering::SeqCst);
         let slot = Arc::new(CommSlot {
             id,
             payload,
             state: AtomicU64::new(0),
             cursor: AtomicPtr::new(self.head),
             naive_max_seq: AtomicU64::new(0),
+            orphans: std::sync::Mutex::new(Orphans {
+                handed_back: Vec::new(),
+                free_now: Vec::new(),
+            }),
         });
         self.comms.write().unwrap().insert(id, slot);
         id
@@ -919,14 +992,22 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         // SeqCst: one side of the Dekker pair with a pass's record add.
         let prev = slot.state.fetch_or(FORGOTTEN, Ordering::SeqCst);
         if prev & BUSY == 0 {
-            // No pass runs, and none can start now: drop the watermark pin.
-            unpin(slot.cursor.load(Ordering::Acquire));
+            // No pass runs, and none can start now: take the watermark out
+            // (readers find null: not attached), then drop its pin.
+            let c = slot.cursor.swap(ptr::null_mut(), Ordering::AcqRel);
+            unpin(c, &self.counters);
         }
         fence(Ordering::SeqCst);
         let _guard = self.reclaimer.pin();
+        let (windows, free_now) = if prev & BUSY == 0 {
+            slot.take_orphans(&self.counters)
+        } else {
+            (Vec::new(), Vec::new()) // the running pass hands them back
+        };
         let mut out = Forgotten {
-            windows: Vec::new(),
-            free_now: Vec::new(),
+            windows,
+            free_now,
+            pass_running: prev & BUSY != 0,
         };
         let mut claimed = Vec::new();
         self.index.for_each(&mut |_, oref| {
@@ -935,10 +1016,10 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             // Hold the segment before taking its window, so that an untrack
             // racing us waits for our deregistration to free the memory; a
             // segment already untracked is left to its untrack.
-            if !o.records.has_open(comm) || !try_hold(o) {
+            if !o.get().records.has_open(comm) || !try_hold(o) {
                 return true;
             }
-            o.records.claim_comm(comm, &mut claimed);
+            o.get().records.claim_comm(comm, &mut claimed);
             let seg = o.segment();
             let mut holding = true;
             for (_, window) in claimed.drain(..) {
@@ -948,10 +1029,10 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
                     segment: seg,
                     comm,
                     window,
-                    hold: Hold::new(o),
+                    hold: Hold::new(o, &self.counters),
                 });
             }
-            if holding && release_hold(o) {
+            if holding && release_hold(o, &self.counters) {
                 out.free_now.push(seg);
             }
             true
@@ -965,8 +1046,11 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         let slot = self.slot(comm).ok_or(CommError::NotAttached(comm))?;
         let _guard = self.reclaimer.pin();
         // Acquire: the cursor node stays reachable for a guard pinned before
-        // this load (DESIGN.md, "Watermarks").
+        // this load: it is unpinned only after being swapped out.
         let cursor = slot.cursor.load(Ordering::Acquire);
+        if cursor.is_null() {
+            return Err(CommError::NotAttached(comm)); // forgotten meanwhile
+        }
         let mut n = 0;
         self.walk_log(cursor, ptr::null(), |o| {
             if o.load_state().is_committed() {
@@ -990,7 +1074,9 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
     /// [`PassReport::handed_back`]. On a callback error the pass stops:
     /// what came before stays registered, the error is returned, and a retry
     /// resumes at the failed segment. If the callback panics, the panic
-    /// propagates and the registry stays as if the callback had failed.
+    /// propagates and the registry stays as if the callback had failed; what
+    /// the pass had to hand back is handed back by the next pass on the comm
+    /// (or by `forget`).
     ///
     /// Passes on one comm are serialized: a second one gets
     /// [`CommError::Busy`] at once. No lock and no epoch guard is held
@@ -1029,6 +1115,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             report: PassReport::new(comm),
             finished: false,
         };
+        (run.report.handed_back, run.report.free_now) = slot.take_orphans(&self.counters);
         run.begin();
         run.run(register)
     }
@@ -1117,7 +1204,7 @@ impl<C, W, I: AddressIndex> Drop for Registry<C, W, I> {
             // SAFETY: exclusive; every linked node was made by
             // `Box::into_raw` and is in the log once.
             let node = unsafe { Box::from_raw(cur) };
-            cur = node.next.load(Ordering::Relaxed);
+            cur = node.get().next.load(Ordering::Relaxed);
         }
     }
 }
@@ -1126,7 +1213,7 @@ impl<C, W, I: AddressIndex> Drop for Registry<C, W, I> {
 fn make_live<W>(o: &Node<W>) {
     let mut st = o.load_state();
     while st.phase() == Phase::Accepted {
-        match o.state.compare_exchange(
+        match o.get().state.compare_exchange(
             st.0,
             st.with_phase(Phase::Live).0,
             Ordering::SeqCst,
@@ -1156,11 +1243,15 @@ fn try_pin<W>(o: &Node<W>) -> bool {
     }
 }
 
-fn unpin<W>(o: *const Node<W>) {
+fn unpin<W>(o: *const Node<W>, counters: &Counters) {
     // SAFETY: a pinned node is never unlinked, so never freed.
     let o = unsafe { &*o };
     // SeqCst: the sweeper reads the pin count in the same word.
-    o.get().state.fetch_sub(PIN_ONE, Ordering::SeqCst);
+    let prev = State(o.get().state.fetch_sub(PIN_ONE, Ordering::SeqCst));
+    if prev.pins() == 1 && prev.holds() == 0 && prev.phase() == Phase::Dead {
+        // The node just became sweepable: count it for the next sweep.
+        counters.unswept.fetch_add(1, StatOrdering::Relaxed);
+    }
 }
 
 /// Holds a node for a pass: Live (or Accepted, which the pass first helps to
@@ -1235,19 +1326,10 @@ impl<'r, C, W, I: AddressIndex> PassRun<'_, 'r, C, W, I> {
         }
         // P2: the end of the set is the node whose link is null now.
         let end = loop {
-            let mut t = reg.tail.load(Ordering::Acquire);
-            loop {
-                // SAFETY: reached through the tail hint and log links under
-                // the guard.
-                let n = unsafe { &*t }.get().next.load(Ordering::Acquire);
-                if n.is_null() {
-                    break;
-                }
-                t = n;
-            }
-            // SAFETY: as above.
+            let t = reg.last_node();
+            // SAFETY: a linked node, protected by the guard.
             if try_pin(unsafe { &*t }) {
-                break t as *const Node<W>;
+                break t;
             }
         };
         self.end = end;
@@ -1304,7 +1386,7 @@ impl<'r, C, W, I: AddressIndex> PassRun<'_, 'r, C, W, I> {
             self.report.registered.push(seg);
             let mut owns = true;
             let check = !self.reg.faults.unchecked_window_add();
-            match node.records.push(comm, window, check) {
+            match node.get().records.push(comm, window, check) {
                 Err(Some(w)) => {
                     // Untracked while we registered it: hand it back.
                     self.hand_back(o, seg, w);
@@ -1339,7 +1421,7 @@ impl<'r, C, W, I: AddressIndex> PassRun<'_, 'r, C, W, I> {
             segment,
             comm: self.slot.id,
             window,
-            hold: Hold::new(o),
+            hold: Hold::new(o, &self.reg.counters),
         });
     }
 
@@ -1352,12 +1434,13 @@ impl<'r, C, W, I: AddressIndex> PassRun<'_, 'r, C, W, I> {
     }
 
     fn release(&mut self, o: *const Node<W>) {
-        if release_hold(o) {
-            // SAFETY: the node was held until the line above and is freed
-            // only after a sweep, which needs an epoch this thread does not
-            // block; its fields are immutable. (Read before release would be
-            // equally right; this keeps the hold count the only decision.)
-            self.report.free_now.push(unsafe { &*o }.segment());
+        // Read the segment while the hold still keeps the node linked: once
+        // released, a sweep may unlink and free it (this thread holds no
+        // guard).
+        // SAFETY: held by this pass until the next line.
+        let seg = unsafe { &*o }.segment();
+        if release_hold(o, &self.reg.counters) {
+            self.report.free_now.push(seg);
         }
     }
 
@@ -1381,7 +1464,7 @@ impl<'r, C, W, I: AddressIndex> PassRun<'_, 'r, C, W, I> {
             let new_cursor = if complete {
                 Some(self.end)
             } else {
-                unpin(self.end);
+                unpin(self.end, &self.reg.counters);
                 self.last_done.inspect(|&o| {
                     // SAFETY: still held (by us or a hand-back), so linked.
                     let pinned = try_pin(unsafe { &*o });
@@ -1392,7 +1475,7 @@ impl<'r, C, W, I: AddressIndex> PassRun<'_, 'r, C, W, I> {
                 // AcqRel: publish the new cursor to `pending` (readers under
                 // a guard) and take the old one to unpin.
                 let old = self.slot.cursor.swap(c as *mut _, Ordering::AcqRel);
-                unpin(old);
+                unpin(old, &self.reg.counters);
             }
         }
         self.release_last_done();
@@ -1403,17 +1486,28 @@ impl<'r, C, W, I: AddressIndex> PassRun<'_, 'r, C, W, I> {
         // Release: publish the cursor to the next pass.
         let prev = self.slot.state.fetch_and(!BUSY, Ordering::AcqRel);
         if prev & FORGOTTEN != 0 {
-            // Forgotten while we ran: the watermark pin is ours to drop.
-            unpin(self.slot.cursor.load(Ordering::Acquire));
+            // Forgotten while we ran: the watermark is ours to take out and
+            // unpin (readers find null: not attached).
+            let c = self.slot.cursor.swap(ptr::null_mut(), Ordering::AcqRel);
+            unpin(c, &self.reg.counters);
         }
     }
 }
 
 impl<C, W, I: AddressIndex> Drop for PassRun<'_, '_, C, W, I> {
     fn drop(&mut self) {
-        // Only reached unfinished when the callback panicked. The report is
-        // lost with the panic; its hand-backs' holds are released as they
-        // drop.
+        if self.finished {
+            return;
+        }
+        // The callback panicked. Restore the invariants, and park what the
+        // report owes the caller (windows to deregister, memory to free)
+        // for the next pass on this comm, or its forget, to hand back.
         self.finish(false);
+        let mut o = self.slot.orphans.lock().unwrap_or_else(|e| e.into_inner());
+        for h in self.report.handed_back.drain(..) {
+            let hold = ManuallyDrop::new(h.hold);
+            o.handed_back.push((h.segment, h.window, hold.node));
+        }
+        o.free_now.append(&mut self.report.free_now);
     }
 }

@@ -627,3 +627,66 @@ fn window_lookup_answers_every_case_with_a_typed_result() {
         })
     );
 }
+
+#[test]
+fn failure_atomicity_a_panic_after_a_hand_back_parks_it_for_the_next_pass() {
+    let reg = Reg::new();
+    let comm = reg.attach("a");
+    let s1 = reg.track(seg_addr(0), MB2).unwrap();
+    let s2 = reg.track(seg_addr(1), MB2).unwrap();
+    let mut holds = Vec::new();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = reg.register_pending(comm, |_, s| {
+            if s.seq == s1.seq {
+                // Freed while its registration is in flight.
+                let gone = reg.untrack(s1.addr).unwrap();
+                holds.push(gone.pass_hold.expect("the pass holds it"));
+                return Ok::<_, ()>(Some(111));
+            }
+            panic!("collective failed hard");
+        });
+    }));
+    assert!(r.is_err());
+    // The window of s1 and the duty to free it are not lost: the next pass
+    // hands them back.
+    let report = reg
+        .register_pending(comm, |_, s| Ok::<_, ()>(Some(s.seq)))
+        .unwrap();
+    assert_eq!(report.registered, vec![s2]);
+    assert_eq!(report.handed_back.len(), 1);
+    let back = report.handed_back.into_iter().next().unwrap();
+    assert_eq!((back.segment, back.window), (s1, 111));
+    let untracker_last = holds.pop().unwrap().release();
+    let pass_last = back.hold.release();
+    assert!(untracker_last ^ pass_last, "exactly one party frees s1");
+}
+
+#[test]
+fn bounded_memory_nodes_held_by_a_pass_are_swept_after_it_lets_go() {
+    let reg = Reg::new();
+    let comm = reg.attach("a");
+    for i in 0..300 {
+        reg.track(seg_addr(i), MB2).unwrap();
+    }
+    let mut first = true;
+    let report = reg
+        .register_pending(comm, |_, _| {
+            if std::mem::take(&mut first) {
+                // Everything in the pass's set dies while the pass holds it.
+                for i in 0..200 {
+                    drop(reg.untrack(seg_addr(i)).unwrap());
+                }
+            }
+            Ok::<_, ()>(None)
+        })
+        .unwrap();
+    assert_eq!(report.registered.len(), 300);
+    // The untrack callers dropped their holds at once: the pass held the
+    // last ones, so it tells its caller to free them.
+    assert_eq!(report.free_now.len(), 200);
+    assert!(reg.stats().nodes.dead_in_log >= 190);
+    // One more untrack: the nodes the pass let go of are counted and swept.
+    drop(reg.untrack(seg_addr(299)).unwrap());
+    let n = reg.stats().nodes;
+    assert!(n.dead_in_log <= 3, "{n:?}");
+}
