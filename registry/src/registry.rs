@@ -726,7 +726,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         let mut prev = self.head as *const Node<W>;
         // SAFETY: the sentinel lives as long as the registry.
         let mut cur = unsafe { &*prev }.next.load(Ordering::Acquire);
-        while !cur.is_null() && cur as *const Node<W> != stop {
+        while !cur.is_null() && !ptr::eq(cur, stop) {
             // SAFETY: reached through log links under the guard.
             let c = unsafe { &*cur };
             // Acquire: see the successor's fields.
