@@ -1,1 +1,59 @@
-//! Placeholder until its issue lands.
+//! NCCL symmetric-memory glue over the segment registry.
+//!
+//! An [`Allocator`] allocates with `ncclMemAlloc` and only *tracks* each
+//! segment; registration with a communicator happens later, in a pass that
+//! every rank runs at the same point ([`Allocator::register`],
+//! [`Allocator::register_all`] in attach order), so that all ranks make the
+//! same collective `ncclCommWindowRegister` calls in the same order. A free
+//! deregisters the segment's windows before `ncclMemFree` and never waits
+//! for a pass: a deregistration that meets a pass blocked in a collective on
+//! the same comm is handed to that pass.
+//!
+//! * [`backend`]: the four NCCL calls behind the [`Backend`] trait.
+//! * [`real`]: NCCL and the CUDA driver through cudarc, loaded at run time;
+//!   absence is a typed error.
+//! * [`sim`]: a pure-Rust multi-rank NCCL that checks NCCL's rules and
+//!   injects faults, for CPU machines and CI.
+//! * [`capi`]: the C ABI for PyTorch's `CUDAPluggableAllocator`
+//!   (`include/segment_registry.h`).
+//!
+//! ```
+//! # #[cfg(not(feature = "loom"))] {
+//! use segment_registry_nccl::{sim::SimWorld, Allocator};
+//!
+//! // Two simulated ranks, one allocator (pool) per rank, two comms.
+//! let world = SimWorld::new(2);
+//! let ranks: Vec<_> = (0..2).map(|r| Allocator::new(world.rank(r).unwrap())).collect();
+//! let tp = world.comm_create(&[0, 1]).unwrap();
+//! let dp = world.comm_create(&[0, 1]).unwrap();
+//! for (r, a) in ranks.iter().enumerate() {
+//!     a.attach(tp[r]).unwrap();
+//!     a.attach(dp[r]).unwrap();
+//!     let p = a.alloc(2 << 20, 0).unwrap();
+//!     for (_, pass) in a.register_all() {
+//!         assert_eq!(pass.unwrap().windows, 1);
+//!     }
+//!     a.free(p).unwrap();
+//! }
+//! assert!(world.verify().is_empty());
+//! # }
+//! ```
+
+pub mod allocator;
+pub mod backend;
+pub mod capi;
+mod error;
+mod gate;
+pub mod real;
+pub mod sim;
+mod util;
+
+pub use allocator::{
+    Allocator, AllocatorStats, CommInfo, CommState, DetachReport, FreeReport, PassSummary,
+};
+pub use backend::{
+    Backend, BackendError, RawComm, Window, MEM_GRANULARITY, MIN_NCCL_VERSION,
+    NCCL_WIN_COLL_SYMMETRIC, WINDOW_ALIGN,
+};
+pub use error::{AllocError, AttachError, DetachError, FreeError, RegisterError};
+pub use segment_registry::{CommId, Segment};

@@ -1,0 +1,123 @@
+/*
+ * segment_registry.h: C ABI of libsegment_registry_nccl.so
+ *
+ * NCCL symmetric-memory allocator over a lock-free segment registry.
+ * Allocation (ncclMemAlloc) only tracks a segment; registration with a
+ * communicator (ncclCommWindowRegister, collective) happens in a pass that
+ * every rank runs at the same point (segreg_register / segreg_register_all);
+ * a free deregisters the segment's windows before ncclMemFree and never waits
+ * for a pass.
+ *
+ * segreg_alloc / segreg_free have PyTorch's CUDAPluggableAllocator
+ * signatures:
+ *
+ *   alloc = torch.cuda.memory.CUDAPluggableAllocator(
+ *       "libsegment_registry_nccl.so", "segreg_alloc", "segreg_free")
+ *   pool = torch.cuda.MemPool(alloc.allocator())
+ *
+ * Every function reports bad input through its return value and
+ * segreg_last_error(); none aborts or unwinds. Thread-safe.
+ *
+ * Kept in sync with src/capi.rs by tests/header.rs.
+ */
+#ifndef SEGMENT_REGISTRY_H
+#define SEGMENT_REGISTRY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Identical to the CUDA runtime's definition. */
+typedef struct CUstream_st *cudaStream_t;
+
+/* Figures filled by segreg_stats (all counters since initialization). */
+typedef struct segreg_stats {
+    uint64_t live_segments;        /* tracked segments */
+    uint64_t live_bytes;           /* bytes in tracked segments */
+    uint64_t allocs;               /* successful allocations */
+    uint64_t alloc_failures;       /* failed allocations */
+    uint64_t frees;                /* successful frees */
+    uint64_t bad_frees;            /* refused frees: null, unknown, double */
+    uint64_t passes;               /* registration passes run */
+    uint64_t windows_registered;   /* registrations that returned a window */
+    uint64_t null_windows;         /* registrations with a null window */
+    uint64_t register_failures;    /* failed registrations */
+    uint64_t windows_deregistered; /* windows deregistered */
+    uint64_t windows_live;         /* windows of live segments, all comms */
+    uint64_t deregisters_deferred; /* deregistrations queued behind a pass */
+    uint64_t handed_back;          /* windows a pass handed back */
+    uint64_t deregister_failures;  /* failed deregistrations (retried) */
+    uint64_t windows_stuck;        /* deregistrations waiting for a retry */
+    uint64_t pending_frees;        /* freed segments not yet ncclMemFree'd */
+    uint64_t mem_frees;            /* successful ncclMemFree calls */
+    uint64_t mem_free_failures;    /* failed ncclMemFree calls */
+    uint64_t comms_attached;       /* attached comms */
+    uint64_t comms_failed;         /* attached comms marked failed */
+    uint64_t sim_violations;       /* simulated backend: rule violations */
+} segreg_stats;
+
+/* Initializes the process-wide allocator on real NCCL (>= 2.28) and the CUDA
+ * driver, loaded at run time. 0 on success (also when already initialized
+ * with NCCL); -1 if a library is missing, NCCL is too old, or another
+ * backend was chosen. */
+int segreg_init(void);
+
+/* Initializes it on the simulated backend (one rank; pointers are not
+ * dereferenceable). For tests. 0 or -1. */
+int segreg_init_sim(void);
+
+/* "nccl" or "sim"; NULL before initialization. Static string. */
+const char *segreg_backend(void);
+
+/* CUDAPluggableAllocator alloc: ncclMemAlloc(size) on `device`, then track
+ * the segment. NULL on failure. `stream` is unused. */
+void *segreg_alloc(size_t size, int device, cudaStream_t stream);
+
+/* CUDAPluggableAllocator free: untrack, deregister every window, then
+ * ncclMemFree once nothing covers the memory. A null, unknown or already
+ * freed pointer is refused (last error set). `size`, `device` and `stream`
+ * are unused. */
+void segreg_free(void *ptr, size_t size, int device, cudaStream_t stream);
+
+/* Attaches a raw ncclComm_t. Returns its id (> 0, never reused) or -1. */
+int64_t segreg_attach(void *comm);
+
+/* Registers with an attached comm every live segment it has not seen, in
+ * allocation order (collective: same point on every rank). Returns the
+ * number registered, or -1; a failed registration marks the comm failed
+ * (only segreg_detach is allowed then). */
+int segreg_register(void *comm);
+
+/* segreg_register for every attached comm, in attach order. Returns the
+ * total registered, or -1 if any comm failed (the others still ran). */
+int segreg_register_all(void);
+
+/* Deregisters every window of the comm and forgets it. Call it before
+ * ncclCommDestroy. Returns the number of windows deregistered, or -1
+ * (unknown comm; or some deregistrations failed: call it again). */
+int segreg_detach(void *comm);
+
+/* Fills *out; `size` must be sizeof(segreg_stats). 0 or -1. */
+int segreg_stats(segreg_stats *out, size_t size);
+
+/* Message of the last failed call on this thread, or NULL if that call
+ * succeeded. Valid until the thread's next call. */
+const char *segreg_last_error(void);
+
+/* Simulated backend only: a one-rank simulated comm (NULL on error). */
+void *segreg_sim_comm_create(void);
+
+/* Simulated backend only: destroys a simulated comm. 0 or -1. */
+int segreg_sim_comm_destroy(void *comm);
+
+/* Simulated backend only: NCCL rule violations recorded, or -1. */
+int64_t segreg_sim_violations(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SEGMENT_REGISTRY_H */
