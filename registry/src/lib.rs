@@ -56,7 +56,7 @@ pub use faults::Faults;
 pub use index::{AddressIndex, NodeRef, SkipIndex};
 pub use registry::{
     CommStats, Forgotten, HandBack, Hold, NodeCounts, PassFailure, PassReport, PassResult,
-    Registry, Stats, Untracked, SWEEP_SLACK,
+    Registry, Stats, Untracked, WindowRef, SWEEP_SLACK,
 };
 
 /// A tracked segment: `[addr, addr + len)`, and its place `seq` in the order

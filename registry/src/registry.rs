@@ -63,10 +63,22 @@ struct Orphans<W> {
     free_now: Vec<Segment>,
 }
 
+/// Orphans of forgotten comms (see `Registry::take_orphans`).
+struct RegistryOrphans<W> {
+    handed_back: Vec<(CommId, Segment, W, *const Node<W>)>,
+    free_now: Vec<Segment>,
+}
+
+/// Locks a std mutex that only guards plain data: a panic while it was
+/// held cannot leave that data half-written.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl<C, W> CommSlot<C, W> {
     /// Takes the orphans as hand-backs (each keeps the hold it had).
     fn take_orphans<'r>(&self, counters: &'r Counters) -> (Vec<HandBack<'r, W>>, Vec<Segment>) {
-        let mut o = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+        let mut o = lock(&self.orphans);
         let backs = o
             .handed_back
             .drain(..)
@@ -118,6 +130,9 @@ pub struct Registry<C, W, I: AddressIndex = SkipIndex> {
     naive_seq: AtomicU64,
     sweeping: AtomicBool,
     sweep_slack: usize,
+    /// What panicking passes of forgotten comms could not report; see
+    /// [`Registry::take_orphans`].
+    orphans: std::sync::Mutex<RegistryOrphans<W>>,
     counters: std::sync::Arc<Counters>,
     reclaimer: Reclaimer,
     faults: Switches,
@@ -232,7 +247,9 @@ pub struct Forgotten<'r, W> {
     pub free_now: Vec<Segment>,
     /// A pass for the comm was inside a callback when it was forgotten: it
     /// stops after that callback and hands its window back in its own
-    /// report. Do not destroy the comm before that pass has returned.
+    /// report (or, if the callback panics, through
+    /// [`Registry::take_orphans`]). Do not destroy the comm before that pass
+    /// has returned.
     pub pass_running: bool,
 }
 
@@ -399,6 +416,10 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             naive_seq: AtomicU64::new(0),
             sweeping: AtomicBool::new(false),
             sweep_slack: SWEEP_SLACK,
+            orphans: std::sync::Mutex::new(RegistryOrphans {
+                handed_back: Vec::new(),
+                free_now: Vec::new(),
+            }),
             counters: std::sync::Arc::new(Counters::default()),
             reclaimer: Default::default(),
             faults,
@@ -1142,6 +1163,28 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             .collect()
     }
 
+    /// Hand-backs and frees that a pass could not report because its
+    /// callback panicked after its comm had been forgotten (its `forget`
+    /// said `pass_running`). Call it once that pass has unwound; each window
+    /// must be deregistered, then its hold released.
+    pub fn take_orphans(&self) -> Forgotten<'_, W> {
+        let mut o = lock(&self.orphans);
+        Forgotten {
+            windows: o
+                .handed_back
+                .drain(..)
+                .map(|(comm, segment, window, node)| HandBack {
+                    segment,
+                    comm,
+                    window,
+                    hold: Hold::new(node, &self.counters),
+                })
+                .collect(),
+            free_now: std::mem::take(&mut o.free_now),
+            pass_running: false,
+        }
+    }
+
     /// A weakly consistent snapshot of the registry's figures.
     pub fn stats(&self) -> Stats {
         let _guard = self.reclaimer.pin();
@@ -1483,13 +1526,30 @@ impl<'r, C, W, I: AddressIndex> PassRun<'_, 'r, C, W, I> {
         for &o in &rest[self.next.min(rest.len())..] {
             self.release(o);
         }
+        if complete || !std::thread::panicking() {
+            self.release_busy();
+        }
+        // Unwinding: `Drop` parks the report first, then releases BUSY.
+    }
+
+    /// Clears BUSY; if the comm was forgotten meanwhile, takes the watermark
+    /// out and unpins it, and moves anything parked in the slot to the
+    /// registry's orphans (nobody can reach the slot any more).
+    fn release_busy(&mut self) {
         // Release: publish the cursor to the next pass.
         let prev = self.slot.state.fetch_and(!BUSY, Ordering::AcqRel);
         if prev & FORGOTTEN != 0 {
-            // Forgotten while we ran: the watermark is ours to take out and
-            // unpin (readers find null: not attached).
+            // Readers find null: not attached.
             let c = self.slot.cursor.swap(ptr::null_mut(), Ordering::AcqRel);
             unpin(c, &self.reg.counters);
+            let mut from = lock(&self.slot.orphans);
+            let mut to = lock(&self.reg.orphans);
+            to.handed_back.extend(
+                from.handed_back
+                    .drain(..)
+                    .map(|(s, w, n)| (self.slot.id, s, w, n)),
+            );
+            to.free_now.append(&mut from.free_now);
         }
     }
 }
@@ -1502,12 +1562,17 @@ impl<C, W, I: AddressIndex> Drop for PassRun<'_, '_, C, W, I> {
         // The callback panicked. Restore the invariants, and park what the
         // report owes the caller (windows to deregister, memory to free)
         // for the next pass on this comm, or its forget, to hand back.
+        // Park while still BUSY, so that neither `forget` nor the next pass
+        // can look at the slot in between; then release BUSY.
         self.finish(false);
-        let mut o = self.slot.orphans.lock().unwrap_or_else(|e| e.into_inner());
-        for h in self.report.handed_back.drain(..) {
-            let hold = ManuallyDrop::new(h.hold);
-            o.handed_back.push((h.segment, h.window, hold.node));
+        {
+            let mut o = lock(&self.slot.orphans);
+            for h in self.report.handed_back.drain(..) {
+                let hold = ManuallyDrop::new(h.hold);
+                o.handed_back.push((h.segment, h.window, hold.node));
+            }
+            o.free_now.append(&mut self.report.free_now);
         }
-        o.free_now.append(&mut self.report.free_now);
+        self.release_busy();
     }
 }
