@@ -20,8 +20,9 @@ pub(crate) struct Node<W> {
     seq: AtomicU64,
     /// See [`State`].
     pub(crate) state: AtomicU64,
-    /// The log link. Written from null to a node by an append (CAS), or from
-    /// one node to a later one by the single sweeper.
+    /// The log link. Written from null to a node by an append (CAS); marked
+    /// (frozen) once the node is claimed for unlinking; swung from a node to
+    /// a later one by a sweeper's CAS (DESIGN.md, "sweep").
     pub(crate) next: AtomicPtr<Node<W>>,
     /// The windows registered for this segment, one record per comm.
     pub(crate) records: Records<W>,
@@ -89,6 +90,12 @@ impl<W> Node<W> {
         )
     }
 
+    /// The log successor, with the deletion mark stripped. Acquire: see the
+    /// successor's fields, published by the link that made it reachable.
+    pub(crate) fn next_node(&self) -> *mut Node<W> {
+        untag(self.get().next.load(Ordering::Acquire))
+    }
+
     pub(crate) fn end(&self) -> usize {
         self.addr + self.len
     }
@@ -100,6 +107,16 @@ impl<W> Node<W> {
             seq: self.seq(),
         }
     }
+}
+
+/// The deletion mark on a log link: set on `x.next` (never null then) once
+/// `x` is logically unlinked, freezing the link (Harris). Appends only CAS
+/// null links, so the mark never gets in their way.
+pub(crate) const MARK: usize = 1;
+
+/// Strips the deletion mark.
+pub(crate) fn untag<W>(p: *mut Node<W>) -> *mut Node<W> {
+    (p as usize & !MARK) as *mut Node<W>
 }
 
 /// One registration of a segment with one comm, and its window if any.

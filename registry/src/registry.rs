@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicU64 as StatU64, AtomicUsize as StatUsize, Ordering
 use crate::error::{CommError, PassError, TrackError, UntrackError, WindowLookupError};
 use crate::faults::Switches;
 use crate::index::{AddressIndex, NodeRef, SkipIndex};
-use crate::node::{Node, Records, Registration};
+use crate::node::{untag, Node, Registration, MARK};
 use crate::state::{Phase, State, HOLD_ONE, IN_INDEX, PIN_ONE, UNLINKED};
-use crate::sync::{
-    fence, Arc, AtomicBool, AtomicPtr, AtomicU64, Guard, Ordering, Reclaimer, RwLock,
-};
+use crate::sync::{fence, Arc, AtomicPtr, AtomicU64, Guard, Ordering, Reclaimer, RwLock};
 use crate::{CommId, Segment};
+
+mod pass;
+use pass::PassRun;
 
 /// Dead nodes the log may carry beyond half the live count before an
 /// untrack sweeps it (DESIGN.md, "Bounded memory").
@@ -128,7 +129,6 @@ pub struct Registry<C, W, I: AddressIndex = SkipIndex> {
     comms: RwLock<BTreeMap<CommId, Arc<CommSlot<C, W>>>>,
     next_comm: AtomicU64,
     naive_seq: AtomicU64,
-    sweeping: AtomicBool,
     sweep_slack: usize,
     /// What panicking passes of forgotten comms could not report; see
     /// [`Registry::take_orphans`].
@@ -414,7 +414,6 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             comms: RwLock::new(BTreeMap::new()),
             next_comm: AtomicU64::new(0),
             naive_seq: AtomicU64::new(0),
-            sweeping: AtomicBool::new(false),
             sweep_slack: SWEEP_SLACK,
             orphans: std::sync::Mutex::new(RegistryOrphans {
                 handed_back: Vec::new(),
@@ -643,7 +642,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             // and the sweeper never unlinks those (DESIGN.md, "Log").
             let tn = unsafe { &*t };
             // Acquire: see the successor's fields.
-            let next = tn.get().next.load(Ordering::Acquire);
+            let next = tn.next_node();
             if !next.is_null() {
                 // Help a lagging tail. Release: publish nothing new; the
                 // node was published by its link. Relaxed on failure: retry.
@@ -732,52 +731,59 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         })
     }
 
-    /// Unlinks every sweepable node from the log (one sweeper at a time; a
-    /// thread that finds the sweep taken just goes on).
+    /// Unlinks the sweepable nodes of the log, up to its end as of now.
+    ///
+    /// Any number of threads may sweep at once (Harris-style): a node is
+    /// first claimed by setting `UNLINKED` in its state word (one CAS, which
+    /// also checks it is dead, out of the index, unheld and unpinned), then
+    /// its link is marked (frozen), then one CAS on its predecessor's link
+    /// swings past it. Whoever wins that CAS retires it; if it fails (the
+    /// predecessor was being unlinked too), a later sweep finishes the job.
+    /// A sweeper that is descheduled therefore delays nobody.
     fn sweep(&self, guard: &Guard) {
-        // Acquire: see the links the previous sweeper wrote.
-        if self.sweeping.swap(true, Ordering::Acquire) {
-            return;
-        }
         self.counters.unswept.store(0, StatOrdering::Relaxed);
         self.counters.sweeps.fetch_add(1, StatOrdering::Relaxed);
-        // Sweep up to the last node of now, not of whenever we get there:
-        // appends keep moving the end, and a sweep must be bounded.
+        // Up to the last node of now, not of whenever we get there: appends
+        // keep moving the end, and a sweep must be bounded.
         let stop = self.last_node();
         let mut prev = self.head as *const Node<W>;
         // SAFETY: the sentinel lives as long as the registry.
-        let mut cur = unsafe { &*prev }.next.load(Ordering::Acquire);
+        let mut cur = unsafe { &*prev }.next_node();
         while !cur.is_null() && !ptr::eq(cur, stop) {
             // SAFETY: reached through log links under the guard.
             let c = unsafe { &*cur };
-            // Acquire: see the successor's fields.
-            let next = c.get().next.load(Ordering::Acquire);
-            if next.is_null() {
-                break;
-            }
+            let next = c.next_node();
             // SAFETY: as above.
-            if unsafe { &*next }
-                .get()
-                .next
-                .load(Ordering::Acquire)
-                .is_null()
-            {
+            if next.is_null() || unsafe { &*next }.next_node().is_null() {
                 // Keep the last two nodes: the tail hint may point at
                 // either, and appends CAS the last one's link.
                 break;
             }
-            if try_mark_unlinked(c) {
-                // Release: readers that follow the new link see `next`.
-                // SAFETY: `prev` is linked (only this sweeper unlinks).
-                unsafe { &*prev }.next.store(next, Ordering::Release);
+            let claimed = c.load_state().has(UNLINKED) || try_mark_unlinked(c);
+            if !claimed {
+                prev = cur;
+                cur = next;
+                continue;
+            }
+            // Freeze the link (the successor can no longer change), then
+            // swing the predecessor past `c`. SeqCst: the mark and the swing
+            // order against other sweepers' swings of the same links.
+            let succ = mark_link(c);
+            // SAFETY: `prev` was reached under the guard.
+            let swung = unsafe { &*prev }
+                .get()
+                .next
+                .compare_exchange(cur, succ, Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok();
+            if swung {
                 self.retire(c, guard);
             } else {
+                // `prev` is being unlinked too (its link is marked): leave
+                // `c` to a later sweep, which sees it claimed and retries.
                 prev = cur;
             }
-            cur = next;
+            cur = succ;
         }
-        // Release: hand the log to the next sweeper.
-        self.sweeping.store(false, Ordering::Release);
     }
 
     /// The node whose link is null now (the caller holds a guard).
@@ -787,7 +793,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         loop {
             // SAFETY: the tail hint and the links it leads to are linked
             // nodes, protected by the caller's guard.
-            let n = unsafe { &*t }.get().next.load(Ordering::Acquire);
+            let n = unsafe { &*t }.next_node();
             if n.is_null() {
                 return t;
             }
@@ -941,7 +947,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         let mut cur = from;
         while cur != to {
             // SAFETY: reached through log links under the caller's guard.
-            let next = unsafe { &*cur }.get().next.load(Ordering::Acquire);
+            let next = unsafe { &*cur }.next_node();
             if next.is_null() {
                 break;
             }
@@ -1125,20 +1131,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
                 CommError::Busy(comm)
             }));
         }
-        let mut run = PassRun {
-            reg: self,
-            slot: &slot,
-            held: Vec::new(),
-            next: 0,
-            last_done: None,
-            owns_last: false,
-            end: ptr::null(),
-            report: PassReport::new(comm),
-            finished: false,
-        };
-        (run.report.handed_back, run.report.free_now) = slot.take_orphans(&self.counters);
-        run.begin();
-        run.run(register)
+        PassRun::start(self, &slot).run(register)
     }
 
     /// Runs a pass for every attached comm, in attach order, with
@@ -1247,7 +1240,27 @@ impl<C, W, I: AddressIndex> Drop for Registry<C, W, I> {
             // SAFETY: exclusive; every linked node was made by
             // `Box::into_raw` and is in the log once.
             let node = unsafe { Box::from_raw(cur) };
-            cur = node.get().next.load(Ordering::Relaxed);
+            cur = untag(node.get().next.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// Sets the deletion mark on `o`'s (non-null) link and returns the
+/// successor it froze.
+fn mark_link<W>(o: &Node<W>) -> *mut Node<W> {
+    // SeqCst: the mark and the swings of other sweepers order on this link.
+    let mut n = o.get().next.load(Ordering::SeqCst);
+    loop {
+        if n as usize & MARK != 0 {
+            return untag(n);
+        }
+        let marked = (n as usize | MARK) as *mut Node<W>;
+        match o
+            .next
+            .compare_exchange(n, marked, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => return n,
+            Err(x) => n = x,
         }
     }
 }
@@ -1329,250 +1342,5 @@ fn try_mark_unlinked<W>(o: &Node<W>) -> bool {
             Ok(_) => return true,
             Err(s) => st = State(s),
         }
-    }
-}
-
-/// One running pass. Its `Drop` restores the invariants if the callback
-/// panics: the watermark moves past what was done, every remaining hold is
-/// released, and the comm is no longer busy.
-struct PassRun<'a, 'r, C, W, I: AddressIndex> {
-    reg: &'r Registry<C, W, I>,
-    slot: &'a CommSlot<C, W>,
-    /// The pass's set, in seq order, each node held.
-    held: Vec<*const Node<W>>,
-    /// Index in `held` of the next node to register.
-    next: usize,
-    /// The last node registered, still held (by the pass, or by a hand-back
-    /// in the report) so that it can become the watermark.
-    last_done: Option<*const Node<W>>,
-    /// Whether the pass itself (not a hand-back) holds `last_done`.
-    owns_last: bool,
-    /// The last log node when the pass began (pinned), or null if nothing
-    /// was pending.
-    end: *const Node<W>,
-    report: PassReport<'r, W>,
-    finished: bool,
-}
-
-impl<'r, C, W, I: AddressIndex> PassRun<'_, 'r, C, W, I> {
-    /// Steps P1-P3: fix the set.
-    fn begin(&mut self) {
-        let reg = self.reg;
-        let guard = reg.reclaimer.pin();
-        // Acquire: see the cursor node the last pass published.
-        let cursor = self.slot.cursor.load(Ordering::Acquire);
-        // P1: nothing pending if the watermark is the last node: O(1).
-        // SAFETY: the cursor node is pinned by this comm.
-        let first = unsafe { &*cursor }.get().next.load(Ordering::Acquire);
-        if first.is_null() {
-            return;
-        }
-        // P2: the end of the set is the node whose link is null now.
-        let end = loop {
-            let t = reg.last_node();
-            // SAFETY: a linked node, protected by the guard.
-            if try_pin(unsafe { &*t }) {
-                break t;
-            }
-        };
-        self.end = end;
-        // P3: hold every live node of (cursor, end].
-        let naive = reg.faults.naive_cursor();
-        // Relaxed: only the BUSY owner touches it.
-        let naive_max = self.slot.naive_max_seq.load(Ordering::Relaxed);
-        let mut steps = 0;
-        let held = &mut self.held;
-        reg.walk_log(cursor, end, |o| {
-            steps += 1;
-            if naive && o.seq() <= naive_max {
-                return;
-            }
-            if try_hold(o) {
-                held.push(o);
-            }
-        });
-        reg.counters
-            .pass_steps
-            .fetch_add(steps, StatOrdering::Relaxed);
-        drop(guard);
-    }
-
-    /// Step P4: the callbacks, with no guard and no lock held.
-    fn run<E, F>(mut self, mut register: F) -> PassResult<'r, W, E>
-    where
-        F: FnMut(&C, &Segment) -> Result<Option<W>, E>,
-    {
-        let comm = self.slot.id;
-        while self.next < self.held.len() {
-            // SeqCst: the other side of forget's fetch_or.
-            if self.slot.state.load(Ordering::SeqCst) & FORGOTTEN != 0 {
-                return Err(self.stop(PassError::Forgotten(comm)));
-            }
-            let o = self.held[self.next];
-            // SAFETY: held, so never unlinked or freed.
-            let node = unsafe { &*o };
-            let seg = node.segment();
-            let window = match register(&self.slot.payload, &seg) {
-                Ok(w) => w,
-                Err(error) => {
-                    return Err(self.stop(PassError::Callback {
-                        segment: seg,
-                        error,
-                    }))
-                }
-            };
-            if self.reg.faults.naive_cursor() {
-                // Relaxed: only the BUSY owner touches it.
-                let m = self.slot.naive_max_seq.load(Ordering::Relaxed).max(seg.seq);
-                self.slot.naive_max_seq.store(m, Ordering::Relaxed);
-            }
-            self.report.registered.push(seg);
-            let mut owns = true;
-            let check = !self.reg.faults.unchecked_window_add();
-            match node.get().records.push(comm, window, check) {
-                Err(Some(w)) => {
-                    // Untracked while we registered it: hand it back.
-                    self.hand_back(o, seg, w);
-                    owns = false;
-                }
-                Err(None) => {} // untracked meanwhile; nothing to hand back
-                Ok(rec) => {
-                    // Dekker with forget: add; fence; read the flag.
-                    fence(Ordering::SeqCst);
-                    if self.slot.state.load(Ordering::SeqCst) & FORGOTTEN != 0 {
-                        if let Some(w) = Records::claim_own(rec) {
-                            self.hand_back(o, seg, w);
-                            owns = false;
-                        }
-                    }
-                }
-            }
-            // Keep this node's hold until the next one is done, so that it
-            // can still become the watermark; drop the previous one's.
-            self.release_last_done();
-            self.last_done = Some(o);
-            self.owns_last = owns;
-            self.next += 1;
-        }
-        self.finish(true);
-        Ok(std::mem::replace(&mut self.report, PassReport::new(comm)))
-    }
-
-    fn hand_back(&mut self, o: *const Node<W>, segment: Segment, window: W) {
-        // The pass's hold moves into the hand-back.
-        self.report.handed_back.push(HandBack {
-            segment,
-            comm: self.slot.id,
-            window,
-            hold: Hold::new(o, &self.reg.counters),
-        });
-    }
-
-    fn release_last_done(&mut self) {
-        if let Some(o) = self.last_done.take() {
-            if std::mem::take(&mut self.owns_last) {
-                self.release(o);
-            }
-        }
-    }
-
-    fn release(&mut self, o: *const Node<W>) {
-        // Read the segment while the hold still keeps the node linked: once
-        // released, a sweep may unlink and free it (this thread holds no
-        // guard).
-        // SAFETY: held by this pass until the next line.
-        let seg = unsafe { &*o }.segment();
-        if release_hold(o, &self.reg.counters) {
-            self.report.free_now.push(seg);
-        }
-    }
-
-    fn stop<E>(&mut self, error: PassError<E>) -> PassFailure<'r, W, E> {
-        self.finish(false);
-        PassFailure {
-            error,
-            report: std::mem::replace(&mut self.report, PassReport::new(self.slot.id)),
-        }
-    }
-
-    /// Moves the watermark, releases what is still held, and frees the comm.
-    fn finish(&mut self, complete: bool) {
-        if self.finished {
-            return;
-        }
-        self.finished = true;
-        if !self.end.is_null() {
-            // The new watermark: the end of the set if it all went through,
-            // else the last node registered, if any.
-            let new_cursor = if complete {
-                Some(self.end)
-            } else {
-                unpin(self.end, &self.reg.counters);
-                self.last_done.inspect(|&o| {
-                    // SAFETY: still held (by us or a hand-back), so linked.
-                    let pinned = try_pin(unsafe { &*o });
-                    debug_assert!(pinned, "a held node is never unlinked");
-                })
-            };
-            if let Some(c) = new_cursor {
-                // AcqRel: publish the new cursor to `pending` (readers under
-                // a guard) and take the old one to unpin.
-                let old = self.slot.cursor.swap(c as *mut _, Ordering::AcqRel);
-                unpin(old, &self.reg.counters);
-            }
-        }
-        self.release_last_done();
-        let rest = std::mem::take(&mut self.held);
-        for &o in &rest[self.next.min(rest.len())..] {
-            self.release(o);
-        }
-        if complete || !std::thread::panicking() {
-            self.release_busy();
-        }
-        // Unwinding: `Drop` parks the report first, then releases BUSY.
-    }
-
-    /// Clears BUSY; if the comm was forgotten meanwhile, takes the watermark
-    /// out and unpins it, and moves anything parked in the slot to the
-    /// registry's orphans (nobody can reach the slot any more).
-    fn release_busy(&mut self) {
-        // Release: publish the cursor to the next pass.
-        let prev = self.slot.state.fetch_and(!BUSY, Ordering::AcqRel);
-        if prev & FORGOTTEN != 0 {
-            // Readers find null: not attached.
-            let c = self.slot.cursor.swap(ptr::null_mut(), Ordering::AcqRel);
-            unpin(c, &self.reg.counters);
-            let mut from = lock(&self.slot.orphans);
-            let mut to = lock(&self.reg.orphans);
-            to.handed_back.extend(
-                from.handed_back
-                    .drain(..)
-                    .map(|(s, w, n)| (self.slot.id, s, w, n)),
-            );
-            to.free_now.append(&mut from.free_now);
-        }
-    }
-}
-
-impl<C, W, I: AddressIndex> Drop for PassRun<'_, '_, C, W, I> {
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        // The callback panicked. Restore the invariants, and park what the
-        // report owes the caller (windows to deregister, memory to free)
-        // for the next pass on this comm, or its forget, to hand back.
-        // Park while still BUSY, so that neither `forget` nor the next pass
-        // can look at the slot in between; then release BUSY.
-        self.finish(false);
-        {
-            let mut o = lock(&self.slot.orphans);
-            for h in self.report.handed_back.drain(..) {
-                let hold = ManuallyDrop::new(h.hold);
-                o.handed_back.push((h.segment, h.window, hold.node));
-            }
-            o.free_now.append(&mut self.report.free_now);
-        }
-        self.release_busy();
     }
 }

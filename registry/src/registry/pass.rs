@@ -1,0 +1,279 @@
+//! A running registration pass (steps P1–P4 and finish of DESIGN.md).
+
+use std::mem::ManuallyDrop;
+use std::ptr;
+use std::sync::atomic::Ordering as StatOrdering;
+
+use super::{
+    lock, release_hold, try_hold, try_pin, unpin, CommSlot, HandBack, Hold, PassFailure,
+    PassReport, PassResult, Registry, BUSY, FORGOTTEN,
+};
+use crate::error::PassError;
+use crate::index::AddressIndex;
+use crate::node::{Node, Records};
+use crate::sync::{fence, Ordering};
+use crate::Segment;
+
+/// One running pass. Its `Drop` restores the invariants if the callback
+/// panics: the watermark moves past what was done, every remaining hold is
+/// released, and the comm is no longer busy.
+pub(super) struct PassRun<'a, 'r, C, W, I: AddressIndex> {
+    reg: &'r Registry<C, W, I>,
+    slot: &'a CommSlot<C, W>,
+    /// The pass's set, in seq order, each node held.
+    held: Vec<*const Node<W>>,
+    /// Index in `held` of the next node to register.
+    next: usize,
+    /// The last node registered, still held (by the pass, or by a hand-back
+    /// in the report) so that it can become the watermark.
+    last_done: Option<*const Node<W>>,
+    /// Whether the pass itself (not a hand-back) holds `last_done`.
+    owns_last: bool,
+    /// The last log node when the pass began (pinned), or null if nothing
+    /// was pending.
+    end: *const Node<W>,
+    report: PassReport<'r, W>,
+    finished: bool,
+}
+
+impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
+    /// A pass on `slot`, whose BUSY the caller holds: takes what an earlier
+    /// panicking pass parked, then fixes the set (P1–P3).
+    pub(super) fn start(reg: &'r Registry<C, W, I>, slot: &'a CommSlot<C, W>) -> Self {
+        let mut run = PassRun {
+            reg,
+            slot,
+            held: Vec::new(),
+            next: 0,
+            last_done: None,
+            owns_last: false,
+            end: ptr::null(),
+            report: PassReport::new(slot.id),
+            finished: false,
+        };
+        (run.report.handed_back, run.report.free_now) = slot.take_orphans(&reg.counters);
+        run.begin();
+        run
+    }
+
+    /// Steps P1-P3: fix the set.
+    fn begin(&mut self) {
+        let reg = self.reg;
+        let guard = reg.reclaimer.pin();
+        // Acquire: see the cursor node the last pass published.
+        let cursor = self.slot.cursor.load(Ordering::Acquire);
+        // P1: nothing pending if the watermark is the last node: O(1).
+        // SAFETY: the cursor node is pinned by this comm.
+        let first = unsafe { &*cursor }.next_node();
+        if first.is_null() {
+            return;
+        }
+        // P2: the end of the set is the node whose link is null now.
+        let end = loop {
+            let t = reg.last_node();
+            // SAFETY: a linked node, protected by the guard.
+            if try_pin(unsafe { &*t }) {
+                break t;
+            }
+        };
+        self.end = end;
+        // P3: hold every live node of (cursor, end].
+        let naive = reg.faults.naive_cursor();
+        // Relaxed: only the BUSY owner touches it.
+        let naive_max = self.slot.naive_max_seq.load(Ordering::Relaxed);
+        let mut steps = 0;
+        let held = &mut self.held;
+        reg.walk_log(cursor, end, |o| {
+            steps += 1;
+            if naive && o.seq() <= naive_max {
+                return;
+            }
+            if try_hold(o) {
+                held.push(o);
+            }
+        });
+        reg.counters
+            .pass_steps
+            .fetch_add(steps, StatOrdering::Relaxed);
+        drop(guard);
+    }
+
+    /// Step P4: the callbacks, with no guard and no lock held.
+    pub(super) fn run<E, F>(mut self, mut register: F) -> PassResult<'r, W, E>
+    where
+        F: FnMut(&C, &Segment) -> Result<Option<W>, E>,
+    {
+        let comm = self.slot.id;
+        while self.next < self.held.len() {
+            // SeqCst: the other side of forget's fetch_or.
+            if self.slot.state.load(Ordering::SeqCst) & FORGOTTEN != 0 {
+                return Err(self.stop(PassError::Forgotten(comm)));
+            }
+            let o = self.held[self.next];
+            // SAFETY: held, so never unlinked or freed.
+            let node = unsafe { &*o };
+            let seg = node.segment();
+            let window = match register(&self.slot.payload, &seg) {
+                Ok(w) => w,
+                Err(error) => {
+                    return Err(self.stop(PassError::Callback {
+                        segment: seg,
+                        error,
+                    }))
+                }
+            };
+            if self.reg.faults.naive_cursor() {
+                // Relaxed: only the BUSY owner touches it.
+                let m = self.slot.naive_max_seq.load(Ordering::Relaxed).max(seg.seq);
+                self.slot.naive_max_seq.store(m, Ordering::Relaxed);
+            }
+            self.report.registered.push(seg);
+            let mut owns = true;
+            let check = !self.reg.faults.unchecked_window_add();
+            match node.get().records.push(comm, window, check) {
+                Err(Some(w)) => {
+                    // Untracked while we registered it: hand it back.
+                    self.hand_back(o, seg, w);
+                    owns = false;
+                }
+                Err(None) => {} // untracked meanwhile; nothing to hand back
+                Ok(rec) => {
+                    // Dekker with forget: add; fence; read the flag.
+                    fence(Ordering::SeqCst);
+                    if self.slot.state.load(Ordering::SeqCst) & FORGOTTEN != 0 {
+                        if let Some(w) = Records::claim_own(rec) {
+                            self.hand_back(o, seg, w);
+                            owns = false;
+                        }
+                    }
+                }
+            }
+            // Keep this node's hold until the next one is done, so that it
+            // can still become the watermark; drop the previous one's.
+            self.release_last_done();
+            self.last_done = Some(o);
+            self.owns_last = owns;
+            self.next += 1;
+        }
+        self.finish(true);
+        Ok(std::mem::replace(&mut self.report, PassReport::new(comm)))
+    }
+
+    fn hand_back(&mut self, o: *const Node<W>, segment: Segment, window: W) {
+        // The pass's hold moves into the hand-back.
+        self.report.handed_back.push(HandBack {
+            segment,
+            comm: self.slot.id,
+            window,
+            hold: Hold::new(o, &self.reg.counters),
+        });
+    }
+
+    fn release_last_done(&mut self) {
+        if let Some(o) = self.last_done.take() {
+            if std::mem::take(&mut self.owns_last) {
+                self.release(o);
+            }
+        }
+    }
+
+    fn release(&mut self, o: *const Node<W>) {
+        // Read the segment while the hold still keeps the node linked: once
+        // released, a sweep may unlink and free it (this thread holds no
+        // guard).
+        // SAFETY: held by this pass until the next line.
+        let seg = unsafe { &*o }.segment();
+        if release_hold(o, &self.reg.counters) {
+            self.report.free_now.push(seg);
+        }
+    }
+
+    fn stop<E>(&mut self, error: PassError<E>) -> PassFailure<'r, W, E> {
+        self.finish(false);
+        PassFailure {
+            error,
+            report: std::mem::replace(&mut self.report, PassReport::new(self.slot.id)),
+        }
+    }
+
+    /// Moves the watermark, releases what is still held, and frees the comm.
+    fn finish(&mut self, complete: bool) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        if !self.end.is_null() {
+            // The new watermark: the end of the set if it all went through,
+            // else the last node registered, if any.
+            let new_cursor = if complete {
+                Some(self.end)
+            } else {
+                unpin(self.end, &self.reg.counters);
+                self.last_done.inspect(|&o| {
+                    // SAFETY: still held (by us or a hand-back), so linked.
+                    let pinned = try_pin(unsafe { &*o });
+                    debug_assert!(pinned, "a held node is never unlinked");
+                })
+            };
+            if let Some(c) = new_cursor {
+                // AcqRel: publish the new cursor to `pending` (readers under
+                // a guard) and take the old one to unpin.
+                let old = self.slot.cursor.swap(c as *mut _, Ordering::AcqRel);
+                unpin(old, &self.reg.counters);
+            }
+        }
+        self.release_last_done();
+        let rest = std::mem::take(&mut self.held);
+        for &o in &rest[self.next.min(rest.len())..] {
+            self.release(o);
+        }
+        if complete || !std::thread::panicking() {
+            self.release_busy();
+        }
+        // Unwinding: `Drop` parks the report first, then releases BUSY.
+    }
+
+    /// Clears BUSY; if the comm was forgotten meanwhile, takes the watermark
+    /// out and unpins it, and moves anything parked in the slot to the
+    /// registry's orphans (nobody can reach the slot any more).
+    fn release_busy(&mut self) {
+        // Release: publish the cursor to the next pass.
+        let prev = self.slot.state.fetch_and(!BUSY, Ordering::AcqRel);
+        if prev & FORGOTTEN != 0 {
+            // Readers find null: not attached.
+            let c = self.slot.cursor.swap(ptr::null_mut(), Ordering::AcqRel);
+            unpin(c, &self.reg.counters);
+            let mut from = lock(&self.slot.orphans);
+            let mut to = lock(&self.reg.orphans);
+            to.handed_back.extend(
+                from.handed_back
+                    .drain(..)
+                    .map(|(s, w, n)| (self.slot.id, s, w, n)),
+            );
+            to.free_now.append(&mut from.free_now);
+        }
+    }
+}
+
+impl<C, W, I: AddressIndex> Drop for PassRun<'_, '_, C, W, I> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // The callback panicked. Restore the invariants, and park what the
+        // report owes the caller (windows to deregister, memory to free)
+        // for the next pass on this comm, or its forget, to hand back.
+        // Park while still BUSY, so that neither `forget` nor the next pass
+        // can look at the slot in between; then release BUSY.
+        self.finish(false);
+        {
+            let mut o = lock(&self.slot.orphans);
+            for h in self.report.handed_back.drain(..) {
+                let hold = ManuallyDrop::new(h.hold);
+                o.handed_back.push((h.segment, h.window, hold.node));
+            }
+            o.free_now.append(&mut self.report.free_now);
+        }
+        self.release_busy();
+    }
+}
