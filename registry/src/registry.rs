@@ -814,6 +814,16 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         };
         if self.faults.free_without_defer() {
             // Negative control: free now, whoever may still be reading.
+            // Under the model reclaimer the node is poisoned now instead,
+            // so that the next access panics rather than reading freed
+            // memory.
+            #[cfg(feature = "loom")]
+            // SAFETY: as below; the model reclaimer frees it only when it
+            // is dropped itself.
+            unsafe {
+                guard.retire_now(o.poison(), free)
+            };
+            #[cfg(not(feature = "loom"))]
             free();
             return;
         }

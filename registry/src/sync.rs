@@ -131,6 +131,10 @@ mod reclaim {
             let id = st.next_guard;
             st.next_guard += 1;
             st.active.insert(id);
+            drop(st);
+            // crossbeam-epoch's pin ends with fence(SeqCst): a thread that
+            // pins after a retirement sees the unlink that preceded it.
+            loom::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             Guard {
                 id,
                 state: self.state.clone(),
@@ -152,12 +156,35 @@ mod reclaim {
             // which lives until the reclaimer (one of its fields) is dropped;
             // the reclaimer runs every closure before it is itself dropped.
             let free: Box<dyn FnOnce()> = unsafe { std::mem::transmute(free) };
+            // crossbeam-epoch seals retired garbage with fence(SeqCst), then
+            // reads the epoch (Global::push_bag).
+            loom::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let mut st = self.state.lock().unwrap();
             let waiting_for = st.active.clone();
             let poison = Some(poison.0.clone());
             st.retired.push(Retired {
                 waiting_for,
                 poison,
+                free,
+            });
+        }
+    }
+
+    impl Guard {
+        /// Retires the node as if freed *now* (the `free_without_defer`
+        /// negative control): it is poisoned at once, so the next access
+        /// panics, and `free` runs when the reclaimer is dropped.
+        ///
+        /// # Safety
+        /// As for [`Guard::retire`].
+        pub(crate) unsafe fn retire_now<F: FnOnce()>(&self, poison: &PoisonFlag, free: F) {
+            let free: Box<dyn FnOnce() + '_> = Box::new(free);
+            // SAFETY: as in `retire`.
+            let free: Box<dyn FnOnce()> = unsafe { std::mem::transmute(free) };
+            poison.0.store(true, Ordering::Relaxed);
+            self.state.lock().unwrap().retired.push(Retired {
+                waiting_for: BTreeSet::new(),
+                poison: None,
                 free,
             });
         }
