@@ -30,10 +30,22 @@
 extern "C" {
 #endif
 
+/* Return codes of segreg_window_get: one per answer. */
+#define SEGREG_OK                   0  /* found: *win and *offset set */
+#define SEGREG_ERR_INVALID        (-1) /* null win/offset/comm, or not initialized */
+#define SEGREG_ERR_NOT_ATTACHED   (-2) /* comm not attached (never, or detached) */
+#define SEGREG_ERR_NOT_TRACKED    (-3) /* no live allocation contains ptr (or freed) */
+#define SEGREG_ERR_CROSSES_END    (-4) /* [ptr, ptr+size) runs past its allocation */
+#define SEGREG_ERR_NOT_REGISTERED (-5) /* not registered with comm yet: run segreg_register */
+#define SEGREG_ERR_NO_WINDOW      (-6) /* registered, null window: no symmetric support */
+#define SEGREG_ERR_INTERNAL       (-7) /* a bug; see segreg_last_error() */
+
 /* Identical to the CUDA runtime's definition. */
 typedef struct CUstream_st *cudaStream_t;
 
-/* Figures filled by segreg_stats (all counters since initialization). */
+/* Figures filled by segreg_stats (all counters since initialization). The
+ * typedef is segreg_stats_t: the name segreg_stats is the function (C and
+ * C++ forbid a typedef and a function of the same name). */
 typedef struct segreg_stats {
     uint64_t live_segments;        /* tracked segments */
     uint64_t live_bytes;           /* bytes in tracked segments */
@@ -57,7 +69,7 @@ typedef struct segreg_stats {
     uint64_t comms_attached;       /* attached comms */
     uint64_t comms_failed;         /* attached comms marked failed */
     uint64_t sim_violations;       /* simulated backend: rule violations */
-} segreg_stats;
+} segreg_stats_t;
 
 /* Initializes the process-wide allocator on real NCCL (>= 2.28) and the CUDA
  * driver, loaded at run time. 0 on success (also when already initialized
@@ -100,8 +112,20 @@ int segreg_register_all(void);
  * (unknown comm; or some deregistrations failed: call it again). */
 int segreg_detach(void *comm);
 
-/* Fills *out; `size` must be sizeof(segreg_stats). 0 or -1. */
-int segreg_stats(segreg_stats *out, size_t size);
+/* Window lookup, shaped like HCCL's HcclCommSymWinGet: the window that
+ * `comm` registered for the allocation containing [ptr, ptr + size) and the
+ * offset of ptr in it, so that a kernel reaches the tensor through NCCL's
+ * device API as ncclGetLocalPointer(*win, *offset). `*win` is the
+ * ncclWindow_t. Returns SEGREG_OK, or a SEGREG_ERR_* code (then *win = NULL
+ * and *offset = 0 where non-null, and segreg_last_error() says why). `size`
+ * may be 0. Lock-free on success (no lock, no NCCL call); thread-safe. A
+ * lookup that starts after a free of the allocation never returns its
+ * window. */
+int segreg_window_get(void *comm, void *ptr, size_t size, void **win,
+                      size_t *offset);
+
+/* Fills *out; `size` must be sizeof(segreg_stats_t). 0 or -1. */
+int segreg_stats(segreg_stats_t *out, size_t size);
 
 /* Message of the last failed call on this thread, or NULL if that call
  * succeeded. Valid until the thread's next call. */
@@ -109,6 +133,11 @@ const char *segreg_last_error(void);
 
 /* Simulated backend only: a one-rank simulated comm (NULL on error). */
 void *segreg_sim_comm_create(void);
+
+/* Simulated backend only: a one-rank simulated comm without symmetric
+ * support (registrations return a null window; segreg_window_get answers
+ * SEGREG_ERR_NO_WINDOW). NULL on error. */
+void *segreg_sim_comm_create_nosym(void);
 
 /* Simulated backend only: destroys a simulated comm. 0 or -1. */
 int segreg_sim_comm_destroy(void *comm);

@@ -31,14 +31,25 @@
 //! that barrier no free still carries a window of the comm, and the gate is
 //! drained once more. After a successful detach no call is ever made on the
 //! comm again.
+//!
+//! # Window lookup
+//!
+//! [`Allocator::window_of`] answers "which window of this comm covers this
+//! tensor, at which offset" (HCCL's `HcclCommSymWinGet`), from the
+//! registry alone: no gate, no lock, no NCCL call on the success path. It
+//! is linearizable against frees and detaches: a window is returned only
+//! if, at some instant during the call, it was recorded for the comm (never
+//! after the free that untracked its segment claimed it, hence never after
+//! its deregistration began). [`Allocator::window_of_raw`] does the same
+//! for a raw `ncclComm_t`, through a lock-free index of attached handles.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, TryLockError};
 
 use segment_registry::{
     CommError, CommId, Hold, PassError as RegPassError, PassFailure, PassReport, Registry, Segment,
-    Untracked,
+    Untracked, WindowLookupError,
 };
 
 use crate::backend::{Backend, RawComm, Window, NCCL_WIN_COLL_SYMMETRIC};
@@ -187,6 +198,239 @@ pub struct DetachReport {
     pub deregistered: usize,
 }
 
+/// A window found by [`Allocator::window_of`]: what NCCL's device API
+/// needs to address the tensor, `ncclGetLocalPointer(window, offset)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowHit {
+    /// The window registered with the comm for the segment (its `raw` is
+    /// the `ncclWindow_t`).
+    pub window: Window,
+    /// Offset of the queried pointer from the start of the window (the
+    /// segment's start: windows cover whole segments).
+    pub offset: usize,
+    /// The segment that contains the queried range.
+    pub segment: Segment,
+}
+
+/// Why [`Allocator::window_of`] (or [`Allocator::window_of_raw`]) returned
+/// no window. Every answer of the registry has its own variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    /// The comm is not attached (never attached, detached, or being
+    /// detached).
+    #[error("{0} is not attached")]
+    NotAttached(CommId),
+    /// No attached comm has this raw handle ([`Allocator::window_of_raw`]).
+    #[error("{0:?} is not attached")]
+    UnknownComm(RawComm),
+    /// No live allocation of this allocator contains the pointer (an
+    /// unknown pointer, or one whose allocation was freed).
+    #[error("no live allocation contains {ptr:#x} (unknown pointer, or freed)")]
+    NotTracked {
+        /// The pointer given.
+        ptr: usize,
+    },
+    /// The range starts inside an allocation but runs past its end.
+    #[error(
+        "[{ptr:#x}, +{size}) runs past the end of the allocation at {:#x} ({} bytes)",
+        segment.addr,
+        segment.len
+    )]
+    CrossesEnd {
+        /// The pointer given.
+        ptr: usize,
+        /// The size given.
+        size: usize,
+        /// The allocation that contains `ptr`.
+        segment: Segment,
+    },
+    /// The allocation is not registered with this comm yet: no pass has run
+    /// on the comm since it was allocated (or one is registering it now).
+    #[error(
+        "the allocation at {:#x} is not registered with {comm} yet (run a registration pass)",
+        segment.addr
+    )]
+    NotRegistered {
+        /// The comm.
+        comm: CommId,
+        /// The allocation.
+        segment: Segment,
+    },
+    /// Registered, but NCCL returned a null window: the comm has no
+    /// symmetric-memory support.
+    #[error(
+        "the allocation at {:#x} is registered with {comm} without a window \
+         (no symmetric support)",
+        segment.addr
+    )]
+    NoWindow {
+        /// The comm.
+        comm: CommId,
+        /// The allocation.
+        segment: Segment,
+    },
+}
+
+impl From<WindowLookupError> for WindowError {
+    fn from(e: WindowLookupError) -> Self {
+        match e {
+            WindowLookupError::NotAttached(c) => WindowError::NotAttached(c),
+            WindowLookupError::NotTracked { ptr } => WindowError::NotTracked { ptr },
+            WindowLookupError::CrossesEnd { ptr, size, segment } => {
+                WindowError::CrossesEnd { ptr, size, segment }
+            }
+            WindowLookupError::NotRegistered { comm, segment } => {
+                WindowError::NotRegistered { comm, segment }
+            }
+            WindowLookupError::NoWindow { comm, segment } => {
+                WindowError::NoWindow { comm, segment }
+            }
+        }
+    }
+}
+
+/// Slots of the lock-free raw handle → comm id index. Comms attached beyond
+/// this many are found through the comm table (under its read lock).
+const RAW_SLOTS: usize = 64;
+
+/// One attached comm of the index: a seqlock over `(raw, id)`. `seq` is odd
+/// while a writer changes the pair; `raw == 0` marks a free slot.
+struct RawSlot {
+    seq: AtomicU64,
+    raw: AtomicUsize,
+    id: AtomicU64,
+}
+
+/// What [`RawIndex::find`] knows about a raw handle.
+enum RawLookup {
+    /// Attached with this id (at some instant during the call).
+    Found(CommId),
+    /// Not attached (at some instant during the call).
+    Absent,
+    /// Not in the slots, but some attached comm has no slot: ask the table.
+    Spilled,
+}
+
+/// Raw handle → comm id, readable without a lock (for
+/// [`Allocator::window_of_raw`]). Written only under the comm table's write
+/// lock (attach, the end of detach), so writers never race each other.
+///
+/// Readers never wait: a slot that is being written, or that changes while
+/// it is read, is skipped. That is linearizable because a slot changes only
+/// when its comm is attached or detached: a reader that overlaps the change
+/// may answer as if it came before the attach or after the detach. Ids are
+/// never reused, so an id found for a handle whose comm was detached
+/// meanwhile makes the registry answer "not attached", never another comm's
+/// window.
+struct RawIndex {
+    slots: Box<[RawSlot]>,
+    /// Slots ever used: readers scan `[0, used)`.
+    used: AtomicUsize,
+    /// Attached comms that found no free slot.
+    spilled: AtomicUsize,
+}
+
+impl RawIndex {
+    fn new() -> Self {
+        RawIndex {
+            slots: (0..RAW_SLOTS)
+                .map(|_| RawSlot {
+                    seq: AtomicU64::new(0),
+                    raw: AtomicUsize::new(0),
+                    id: AtomicU64::new(0),
+                })
+                .collect(),
+            used: AtomicUsize::new(0),
+            spilled: AtomicUsize::new(0),
+        }
+    }
+
+    /// Seqlock write of one slot. The caller holds the comm table's write
+    /// lock (the only writer).
+    fn write(slot: &RawSlot, raw: usize, id: u64) {
+        // Relaxed: writers are serialized by the table lock.
+        let s = slot.seq.load(Ordering::Relaxed);
+        slot.seq.store(s + 1, Ordering::Relaxed);
+        // Release fence: a reader that sees a new `raw`/`id` below also sees
+        // the odd `seq` (it re-reads `seq` after an acquire fence).
+        fence(Ordering::Release);
+        // Relaxed: published by the release store of `seq` below.
+        slot.raw.store(raw, Ordering::Relaxed);
+        slot.id.store(id, Ordering::Relaxed);
+        // Release: a reader that sees `s + 2` sees the pair written above.
+        slot.seq.store(s + 2, Ordering::Release);
+    }
+
+    /// Records an attached comm. Caller holds the table's write lock.
+    fn insert(&self, raw: RawComm, id: CommId) {
+        // Relaxed: only writers (serialized by the lock) change `raw`.
+        let free = self
+            .slots
+            .iter()
+            .position(|s| s.raw.load(Ordering::Relaxed) == 0);
+        match free {
+            Some(i) => {
+                Self::write(&self.slots[i], raw.0, id.0);
+                // Release: a reader that scans up to `i` sees the slot's
+                // writes (made before).
+                self.used.fetch_max(i + 1, Ordering::Release);
+            }
+            None => {
+                // SeqCst: rare; ordered with the readers' miss check.
+                self.spilled.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Forgets a detached comm. Caller holds the table's write lock.
+    fn remove(&self, raw: RawComm) {
+        // Relaxed: as in `insert`. Attach refuses a handle already
+        // attached, so at most one slot holds `raw`.
+        let slot = self
+            .slots
+            .iter()
+            .find(|s| s.raw.load(Ordering::Relaxed) == raw.0);
+        match slot {
+            Some(s) => Self::write(s, 0, 0),
+            None => {
+                // SeqCst: as in `insert`.
+                self.spilled.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// The id of an attached raw handle. Wait-free; no lock.
+    fn find(&self, raw: RawComm) -> RawLookup {
+        // Acquire: pairs with `insert`'s release.
+        let used = self.used.load(Ordering::Acquire);
+        for slot in &self.slots[..used] {
+            // Acquire: pairs with the writer's final release store.
+            let s1 = slot.seq.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
+                continue; // being attached or detached: see the type docs
+            }
+            // Relaxed: validated by the `seq` re-read below.
+            if slot.raw.load(Ordering::Relaxed) != raw.0 {
+                continue;
+            }
+            // Relaxed: as above.
+            let id = slot.id.load(Ordering::Relaxed);
+            // Acquire fence: orders the loads above before the re-read.
+            fence(Ordering::Acquire);
+            // Relaxed: ordered by the fence.
+            if slot.seq.load(Ordering::Relaxed) == s1 {
+                return RawLookup::Found(CommId(id));
+            }
+        }
+        // SeqCst: rare path; a spill made before our call is seen.
+        if self.spilled.load(Ordering::SeqCst) > 0 {
+            RawLookup::Spilled
+        } else {
+            RawLookup::Absent
+        }
+    }
+}
+
 /// Per-comm figures.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommInfo {
@@ -277,6 +521,8 @@ pub struct Allocator<B: Backend> {
     registry: Registry<RawComm, Window>,
     /// Attached comms. Also the detach barrier (module docs).
     comms: RwLock<BTreeMap<CommId, Arc<CommEntry>>>,
+    /// Raw handle → id of the attached comms, for lock-free lookups.
+    raw_index: RawIndex,
     /// Freed segments that a pass held when they were untracked, by
     /// `(addr, seq)`, until the registry's last hold is released.
     held_frees: Mutex<HashMap<(usize, u64), Arc<PendingFree>>>,
@@ -299,6 +545,7 @@ impl<B: Backend> Allocator<B> {
             backend,
             registry: Registry::new(),
             comms: RwLock::new(BTreeMap::new()),
+            raw_index: RawIndex::new(),
             held_frees: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             last_error: Mutex::new(None),
@@ -531,6 +778,7 @@ impl<B: Backend> Allocator<B> {
                 saw_null_window: AtomicBool::new(false),
             }),
         );
+        self.raw_index.insert(comm, id);
         Ok(id)
     }
 
@@ -540,6 +788,82 @@ impl<B: Backend> Allocator<B> {
             .values()
             .find(|e| e.raw == comm)
             .map(|e| e.id)
+    }
+
+    /// The window registered with `comm` for the allocation that contains
+    /// the whole byte range `[ptr, ptr + size)`, and the offset of `ptr` in
+    /// it: the arguments of NCCL's device-side
+    /// `ncclGetLocalPointer(window, offset)` (HCCL: `HcclCommSymWinGet`).
+    ///
+    /// Lock-free on success: it reads the registry only (no gate, no lock,
+    /// no NCCL call), so it never waits for a pass, a free or a detach.
+    /// Error answers may read the registry's comm table under its read lock
+    /// to tell "not attached" apart.
+    ///
+    /// Linearizable against [`free`](Self::free) and
+    /// [`detach`](Self::detach): the window returned was recorded for the
+    /// comm at some instant during the call, so a lookup that starts after
+    /// a free began deregistering the window never returns it. A free that
+    /// overlaps the call can still deregister the window before the caller
+    /// uses it: freeing a tensor's memory while it is in use is the
+    /// caller's race, as with any allocator.
+    ///
+    /// A comm marked failed keeps the windows it registered before the
+    /// failure, and they are returned until it is detached.
+    ///
+    /// ```
+    /// # #[cfg(not(feature = "loom"))] {
+    /// use segment_registry_nccl::{allocator::WindowError, sim::SimWorld, Allocator};
+    ///
+    /// let world = SimWorld::new(1);
+    /// let alloc = Allocator::new(world.rank(0).unwrap());
+    /// let comm = alloc.attach(world.comm_create(&[0]).unwrap()[0]).unwrap();
+    /// let p = alloc.alloc(4 << 20, 0).unwrap();
+    /// let t = p + 8192; // a tensor carved out of the allocation
+    /// assert!(matches!(alloc.window_of(comm, t, 1024), Err(WindowError::NotRegistered { .. })));
+    /// alloc.register(comm).unwrap();
+    /// let hit = alloc.window_of(comm, t, 1024).unwrap();
+    /// assert_eq!((hit.offset, hit.segment.addr), (8192, p));
+    /// alloc.free(p).unwrap();
+    /// assert!(matches!(alloc.window_of(comm, t, 1024), Err(WindowError::NotTracked { .. })));
+    /// # }
+    /// ```
+    pub fn window_of(
+        &self,
+        comm: CommId,
+        ptr: usize,
+        size: usize,
+    ) -> Result<WindowHit, WindowError> {
+        let found = self.registry.window_of(comm, ptr, size)?;
+        Ok(WindowHit {
+            window: found.window,
+            offset: found.offset,
+            segment: found.segment,
+        })
+    }
+
+    /// [`window_of`](Self::window_of) for a raw `ncclComm_t`: finds the
+    /// comm's id in a lock-free index of attached handles (wait-free, no
+    /// lock), then looks the window up. Also lock-free on success, unless
+    /// more than 64 comms are attached at once: a comm that found no slot
+    /// in the index is looked up in the comm table under its read lock.
+    ///
+    /// A handle whose comm was detached answers
+    /// [`WindowError::UnknownComm`] (or [`WindowError::NotAttached`] when
+    /// the detach overlaps the call), never a window of a comm attached
+    /// later at the same address.
+    pub fn window_of_raw(
+        &self,
+        comm: RawComm,
+        ptr: usize,
+        size: usize,
+    ) -> Result<WindowHit, WindowError> {
+        let id = match self.raw_index.find(comm) {
+            RawLookup::Found(id) => id,
+            RawLookup::Absent => return Err(WindowError::UnknownComm(comm)),
+            RawLookup::Spilled => self.comm_id(comm).ok_or(WindowError::UnknownComm(comm))?,
+        };
+        self.window_of(id, ptr, size)
     }
 
     /// Attached comms, in attach order.
@@ -789,7 +1113,10 @@ impl<B: Backend> Allocator<B> {
             });
         }
         entry.state.store(DETACHED, Ordering::SeqCst); // SeqCst: rare transition.
-        write(&self.comms).remove(&comm);
+        let mut table = write(&self.comms);
+        table.remove(&comm);
+        self.raw_index.remove(entry.raw);
+        drop(table);
         Ok(DetachReport { comm, deregistered })
     }
 

@@ -6,13 +6,17 @@
 //! [`segreg_init_sim`] (a one-rank simulated backend, for tests). Every
 //! function catches bad input and reports it through its return value and
 //! [`segreg_last_error`]; none unwinds into C.
+//!
+//! [`segreg_window_get`] is the lookup a kernel launcher calls per tensor
+//! (HCCL's `HcclCommSymWinGet`): lock-free on success, with one error code
+//! per answer (`SEGREG_ERR_*`).
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::allocator::{Allocator, CommState};
+use crate::allocator::{Allocator, CommState, WindowError};
 use crate::backend::{Backend, RawComm};
 use crate::real::RealBackend;
 use crate::sim::SimWorld;
@@ -22,7 +26,8 @@ use crate::util::lock;
 /// `ncclMemFree` are synchronous).
 pub type CudaStream = *mut c_void;
 
-/// Figures returned by [`segreg_stats`] (`segreg_stats` in the header).
+/// Figures returned by [`segreg_stats`] (`segreg_stats_t`, alias of
+/// `struct segreg_stats`, in the header).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SegregStats {
@@ -71,6 +76,28 @@ pub struct SegregStats {
     /// Violations recorded by the simulated backend (0 for real NCCL).
     pub sim_violations: u64,
 }
+
+/// [`segreg_window_get`]: found; `*win` and `*offset` are set.
+pub const SEGREG_OK: c_int = 0;
+/// [`segreg_window_get`]: bad input (a null `win` or `offset`, a null comm)
+/// or the library is not initialized.
+pub const SEGREG_ERR_INVALID: c_int = -1;
+/// [`segreg_window_get`]: the comm is not attached (never, or detached).
+pub const SEGREG_ERR_NOT_ATTACHED: c_int = -2;
+/// [`segreg_window_get`]: no live allocation contains `ptr` (unknown
+/// pointer, or its allocation was freed).
+pub const SEGREG_ERR_NOT_TRACKED: c_int = -3;
+/// [`segreg_window_get`]: `[ptr, ptr + size)` runs past the end of the
+/// allocation that contains `ptr`.
+pub const SEGREG_ERR_CROSSES_END: c_int = -4;
+/// [`segreg_window_get`]: the allocation is not registered with this comm
+/// yet (run `segreg_register` on every rank first).
+pub const SEGREG_ERR_NOT_REGISTERED: c_int = -5;
+/// [`segreg_window_get`]: registered without a window: the comm has no
+/// symmetric-memory support.
+pub const SEGREG_ERR_NO_WINDOW: c_int = -6;
+/// [`segreg_window_get`]: internal error (a bug; see the last error).
+pub const SEGREG_ERR_INTERNAL: c_int = -7;
 
 struct Global {
     alloc: Allocator<Box<dyn Backend>>,
@@ -288,7 +315,80 @@ pub extern "C" fn segreg_detach(comm: *mut c_void) -> c_int {
     })
 }
 
-/// Fills `*out` (of `size` bytes, which must be `sizeof(segreg_stats)`).
+/// The C code of a lookup answer.
+fn window_error_code(e: &WindowError) -> c_int {
+    match e {
+        WindowError::NotAttached(_) | WindowError::UnknownComm(_) => SEGREG_ERR_NOT_ATTACHED,
+        WindowError::NotTracked { .. } => SEGREG_ERR_NOT_TRACKED,
+        WindowError::CrossesEnd { .. } => SEGREG_ERR_CROSSES_END,
+        WindowError::NotRegistered { .. } => SEGREG_ERR_NOT_REGISTERED,
+        WindowError::NoWindow { .. } => SEGREG_ERR_NO_WINDOW,
+    }
+}
+
+/// The window registered with the attached comm for the allocation that
+/// contains `[ptr, ptr + size)`, and the offset of `ptr` in it (shaped like
+/// HCCL's `HcclCommSymWinGet`). With them a kernel addresses the tensor
+/// through NCCL's device API: `ncclGetLocalPointer(win, offset)`.
+///
+/// Returns [`SEGREG_OK`] and sets `*win` (the `ncclWindow_t`) and `*offset`;
+/// else a negative `SEGREG_ERR_*` code, sets `*win` to null and `*offset`
+/// to 0 (those that are non-null), and sets the last error. `size` may be
+/// 0. Lock-free on success (no lock, no NCCL call); thread-safe.
+///
+/// # Safety
+/// `win` and `offset` must each be null (refused with
+/// [`SEGREG_ERR_INVALID`]) or valid for a write of their type.
+#[no_mangle]
+pub unsafe extern "C" fn segreg_window_get(
+    comm: *mut c_void,
+    ptr: *mut c_void,
+    size: usize,
+    win: *mut *mut c_void,
+    offset: *mut usize,
+) -> c_int {
+    LAST_ERROR.with(|e| *e.borrow_mut() = None);
+    let result = catch_unwind(AssertUnwindSafe(
+        || -> Result<(usize, usize), (c_int, String)> {
+            if win.is_null() || offset.is_null() {
+                return Err((
+                    SEGREG_ERR_INVALID,
+                    "null output pointer (win or offset)".into(),
+                ));
+            }
+            let raw = comm_of(comm).map_err(|m| (SEGREG_ERR_INVALID, m))?;
+            let g = global().map_err(|m| (SEGREG_ERR_INVALID, m))?;
+            let hit = g
+                .alloc
+                .window_of_raw(raw, ptr as usize, size)
+                .map_err(|e| (window_error_code(&e), e.to_string()))?;
+            Ok((hit.window.raw, hit.offset))
+        },
+    ));
+    let (code, value) = match result {
+        Ok(Ok(v)) => (SEGREG_OK, v),
+        Ok(Err((code, msg))) => {
+            set_error(&msg);
+            (code, (0, 0))
+        }
+        Err(_) => {
+            set_error("internal error (panic caught at the C boundary)");
+            (SEGREG_ERR_INTERNAL, (0, 0))
+        }
+    };
+    if !win.is_null() {
+        // SAFETY: non-null, and the caller guarantees it is valid for a
+        // write of a pointer; unaligned write to accept any caller buffer.
+        unsafe { win.write_unaligned(value.0 as *mut c_void) };
+    }
+    if !offset.is_null() {
+        // SAFETY: as above, for a `size_t`.
+        unsafe { offset.write_unaligned(value.1) };
+    }
+    code
+}
+
+/// Fills `*out` (of `size` bytes, which must be `sizeof(segreg_stats_t)`).
 /// Returns 0 or -1.
 ///
 /// # Safety
@@ -359,6 +459,21 @@ pub extern "C" fn segreg_sim_comm_create() -> *mut c_void {
     api(std::ptr::null_mut(), || {
         let w = sim_world()?;
         let c = w.comm_create(&[0]).map_err(|e| e.to_string())?;
+        Ok(c.first()
+            .map_or(std::ptr::null_mut(), |c| c.0 as *mut c_void))
+    })
+}
+
+/// Sim backend only: like [`segreg_sim_comm_create`], for a comm without
+/// symmetric support: its registrations succeed with a null window (as on
+/// NCCL 2.29+), so [`segreg_window_get`] answers [`SEGREG_ERR_NO_WINDOW`].
+#[no_mangle]
+pub extern "C" fn segreg_sim_comm_create_nosym() -> *mut c_void {
+    api(std::ptr::null_mut(), || {
+        let w = sim_world()?;
+        let c = w
+            .comm_create_without_symmetric(&[0])
+            .map_err(|e| e.to_string())?;
         Ok(c.first()
             .map_or(std::ptr::null_mut(), |c| c.0 as *mut c_void))
     })

@@ -50,6 +50,7 @@ mod util;
 
 pub use allocator::{
     Allocator, AllocatorStats, CommInfo, CommState, DetachReport, FreeReport, PassSummary,
+    WindowError, WindowHit,
 };
 pub use backend::{
     Backend, BackendError, RawComm, Window, MEM_GRANULARITY, MIN_NCCL_VERSION,

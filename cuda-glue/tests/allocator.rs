@@ -4,14 +4,18 @@
 
 mod common;
 
-use std::sync::mpsc;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Barrier, Mutex};
 use std::thread;
+use std::time::Duration;
 
 use common::*;
-use segment_registry_nccl::sim::{set_alloc_site, SimOp, Violation};
+use segment_registry_nccl::allocator::{WindowError, WindowHit};
+use segment_registry_nccl::sim::{set_alloc_site, SimBackend, SimCall, SimOp, SimWorld, Violation};
 use segment_registry_nccl::{
-    AllocError, AttachError, BackendError, CommState, DetachError, FreeError, RawComm,
-    RegisterError,
+    AllocError, Allocator, AttachError, BackendError, CommId, CommState, DetachError, FreeError,
+    RawComm, RegisterError, Window,
 };
 
 /// SGLang's scenario: a segment registered by group A's pass is freed, and
@@ -607,4 +611,732 @@ fn detach_while_another_comm_pass_holds_a_freed_segment() {
     al.detach(cb).unwrap();
     job.world.comm_destroy(job.raws[1][0]).unwrap();
     assert_clean(&job.world);
+}
+
+// ---------------------------------------------------------------------------
+// Window lookup: (comm, ptr, size) -> (window, offset)
+// ---------------------------------------------------------------------------
+
+/// Every answer of `window_of` / `window_of_raw`: found (the window the
+/// simulated NCCL issued, the tensor's offset), not attached, unknown raw
+/// handle, not tracked, crosses the end, not registered yet, no window (no
+/// symmetric support); a failed comm keeps its earlier windows; after
+/// free, detach, and a reused comm address the lookups fail cleanly.
+#[test]
+fn window_lookup_gives_every_answer() {
+    let world = SimWorld::new(1);
+    let al = Allocator::new(world.rank(0).unwrap());
+    let raw = world.comm_create(&[0]).unwrap()[0];
+    let c = al.attach(raw).unwrap();
+    let a = al.alloc(4 * MIB, 0).unwrap();
+    let b = al.alloc(2 * MIB, 0).unwrap();
+    let (seg_a, seg_b) = (al.find(a).unwrap(), al.find(b).unwrap());
+
+    // Not registered yet.
+    assert_eq!(
+        al.window_of(c, a + 4096, 64),
+        Err(WindowError::NotRegistered {
+            comm: c,
+            segment: seg_a
+        })
+    );
+    assert_eq!(al.register(c).unwrap().windows, 2);
+    let trace = world.trace();
+    let (wa, wb) = (window_of(&trace, 0, a), window_of(&trace, 0, b));
+    assert_ne!(wa, wb);
+
+    // Found: tensors at various offsets, through the id and the raw handle.
+    for (t, size) in [
+        (a, 4 * MIB),
+        (a + 4096, 4096),
+        (a + MIB + 12, 1000),
+        (a + 4 * MIB - 8, 8),
+        (a + 100, 0),
+    ] {
+        let want = WindowHit {
+            window: wa,
+            offset: t - a,
+            segment: seg_a,
+        };
+        assert_eq!(al.window_of(c, t, size), Ok(want));
+        assert_eq!(al.window_of_raw(raw, t, size), Ok(want));
+    }
+    let hit = al.window_of(c, b + 65_536, 4096).unwrap();
+    assert_eq!((hit.window, hit.offset, hit.segment), (wb, 65_536, seg_b));
+    assert!(world.windows_on(raw).contains(&hit.window));
+
+    // Crosses the end; not tracked.
+    for (t, size) in [(a + 4 * MIB - 8, 9), (a, 4 * MIB + 1), (b, usize::MAX)] {
+        let seg = if t == b { seg_b } else { seg_a };
+        assert_eq!(
+            al.window_of(c, t, size),
+            Err(WindowError::CrossesEnd {
+                ptr: t,
+                size,
+                segment: seg
+            })
+        );
+    }
+    for t in [0, 0x1000, b + 2 * MIB, b + 2 * MIB + 8192] {
+        assert_eq!(
+            al.window_of(c, t, 8),
+            Err(WindowError::NotTracked { ptr: t })
+        );
+    }
+
+    // Not attached: an unknown id or raw handle.
+    let unknown = CommId(999);
+    assert_eq!(
+        al.window_of(unknown, a, 8),
+        Err(WindowError::NotAttached(unknown))
+    );
+    assert_eq!(
+        al.window_of(unknown, 0x1000, 8),
+        Err(WindowError::NotAttached(unknown)),
+        "not attached wins over not tracked"
+    );
+    let stranger = RawComm(0x4242_0000);
+    assert_eq!(
+        al.window_of_raw(stranger, a, 8),
+        Err(WindowError::UnknownComm(stranger))
+    );
+    assert_eq!(
+        al.window_of_raw(RawComm(0), a, 8),
+        Err(WindowError::UnknownComm(RawComm(0)))
+    );
+
+    // No symmetric support: registered without a window.
+    let raw_ns = world.comm_create_without_symmetric(&[0]).unwrap()[0];
+    let ns = al.attach(raw_ns).unwrap();
+    assert_eq!(al.register(ns).unwrap().null_windows, 2);
+    assert_eq!(
+        al.window_of_raw(raw_ns, a + 8, 8),
+        Err(WindowError::NoWindow {
+            comm: ns,
+            segment: seg_a
+        })
+    );
+    assert_eq!(al.window_of(c, a + 8, 8).unwrap().window, wa);
+
+    // A failed comm keeps the windows it registered before the failure;
+    // the segment it failed on has none.
+    let raw_f = world.comm_create(&[0]).unwrap()[0];
+    let f = al.attach(raw_f).unwrap();
+    world.fail_nth(0, SimOp::Register, 2);
+    assert!(matches!(
+        al.register(f),
+        Err(RegisterError::Register { .. })
+    ));
+    assert_eq!(al.stats().comms[2].state, CommState::Failed);
+    let wf = al.window_of(f, a + 8, 8).unwrap();
+    assert_eq!((wf.offset, wf.segment), (8, seg_a));
+    assert_ne!(wf.window, wa);
+    assert_eq!(
+        al.window_of(f, b, 8),
+        Err(WindowError::NotRegistered {
+            comm: f,
+            segment: seg_b
+        })
+    );
+
+    // After free: not tracked, on every comm, for every tensor of it.
+    al.free(a).unwrap();
+    for comm in [c, ns, f] {
+        for t in [a, a + 4096, a + 4 * MIB - 8] {
+            assert_eq!(
+                al.window_of(comm, t, 8),
+                Err(WindowError::NotTracked { ptr: t })
+            );
+        }
+    }
+    assert!(!world.windows_on(raw).contains(&wa));
+    // The address comes back for a new allocation: a new segment, which
+    // has no window until a pass (never the freed one's).
+    let a2 = al.alloc(4 * MIB, 0).unwrap();
+    assert_eq!(a2, a);
+    let seg_a2 = al.find(a2).unwrap();
+    assert_eq!(
+        al.window_of(c, a2 + 8, 8),
+        Err(WindowError::NotRegistered {
+            comm: c,
+            segment: seg_a2
+        })
+    );
+    al.register(c).unwrap();
+    let hit = al.window_of(c, a2 + 8, 8).unwrap();
+    let issued = world
+        .trace()
+        .iter()
+        .rev()
+        .find(|e| e.op == SimOp::Register && e.comm == raw && e.ptr == a2 && e.ok)
+        .and_then(|e| e.window);
+    assert_eq!(Some(hit.window), issued);
+    assert_ne!(hit.window, wa);
+
+    // After detach: not attached, by id and by handle.
+    al.detach(f).unwrap();
+    assert_eq!(al.window_of(f, b, 8), Err(WindowError::NotAttached(f)));
+    assert_eq!(
+        al.window_of_raw(raw_f, b, 8),
+        Err(WindowError::UnknownComm(raw_f))
+    );
+    world.comm_destroy(raw_f).unwrap();
+    al.detach(c).unwrap();
+    world.comm_destroy(raw).unwrap();
+    // The handle value comes back for a new comm: no window until its pass.
+    let raw2 = world.comm_create(&[0]).unwrap()[0];
+    assert!(raw2 == raw || raw2 == raw_f);
+    let c2 = al.attach(raw2).unwrap();
+    assert_eq!(
+        al.window_of_raw(raw2, b, 8),
+        Err(WindowError::NotRegistered {
+            comm: c2,
+            segment: seg_b
+        })
+    );
+    assert_eq!(al.window_of(c, b, 8), Err(WindowError::NotAttached(c)));
+
+    al.detach(c2).unwrap();
+    al.detach(ns).unwrap();
+    world.comm_destroy(raw2).unwrap();
+    world.comm_destroy(raw_ns).unwrap();
+    al.free(a2).unwrap();
+    al.free(b).unwrap();
+    // The failed register is the only call that did not happen as planned.
+    let v = world.verify();
+    assert!(v.is_empty(), "{v:#?}");
+    assert_eq!(world.stats().live_windows, 0);
+}
+
+/// Runs `f` on another thread and waits at most 5 s for its result: `None`
+/// if it is still blocked. (A blocked thread is left behind; the test then
+/// fails.)
+fn within_5s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(5)).ok()
+}
+
+/// The success path takes no lock: lookups answer at once while (1) a pass
+/// on the same comm is blocked inside a register (the comm's gate and pass
+/// lock are taken), and (2) a detach waits for the comm table's write lock
+/// behind a free that is blocked inside a deregistration while holding the
+/// read lock; `comm_id`, which takes the read lock, is shown blocked then
+/// (the control: a lookup that took the lock would block too).
+#[test]
+fn window_lookup_takes_no_lock_on_success() {
+    let world = SimWorld::new(1);
+    let al = Arc::new(Allocator::new(world.rank(0).unwrap()));
+    let raws = world.comm_create(&[0]).unwrap();
+    let raw1 = raws[0];
+    let raw2 = world.comm_create(&[0]).unwrap()[0];
+    let (c1, c2) = (al.attach(raw1).unwrap(), al.attach(raw2).unwrap());
+    let a = al.alloc(2 * MIB, 0).unwrap();
+    let b = al.alloc(2 * MIB, 0).unwrap();
+    al.register(c1).unwrap();
+    al.register(c2).unwrap();
+    let wa = al.window_of(c1, a, 8).unwrap().window;
+    let wb = al.window_of(c1, b, 8).unwrap().window;
+    let wa2 = al.window_of(c2, a, 8).unwrap().window;
+
+    // (1) A pass on c1 blocked in the register of a new segment.
+    let p = al.alloc(2 * MIB, 0).unwrap();
+    let park = park_register(&world, 0, p);
+    thread::scope(|s| {
+        let _unpark = park.unpark_on_panic();
+        let pass = s.spawn(|| al.register(c1));
+        park.entered();
+        let al2 = al.clone();
+        let got = within_5s(move || {
+            (
+                al2.window_of(c1, a + 64, 64),
+                al2.window_of_raw(raw1, a + 64, 64),
+                al2.window_of(c1, p, 64),
+            )
+        });
+        let (hit, hit_raw, parked) = got.expect("a lookup waited for the pass");
+        assert_eq!(hit.unwrap().window, wa);
+        assert_eq!(hit_raw.unwrap().window, wa);
+        assert!(
+            matches!(parked, Err(WindowError::NotRegistered { .. })),
+            "{parked:?}"
+        );
+        park.release();
+        assert_eq!(pass.join().unwrap().unwrap().windows, 1);
+    });
+    world.set_hook(None);
+
+    // (2) Free b: its deregistration on c1 blocks (holding the table's read
+    // lock); detach c2 then waits for the write lock.
+    let entered = Arc::new(Barrier::new(2));
+    let release = Arc::new(Barrier::new(2));
+    let c2_dereg = Arc::new(Barrier::new(2));
+    {
+        let (e, r, d) = (entered.clone(), release.clone(), c2_dereg.clone());
+        let armed = AtomicBool::new(true);
+        let armed_d = AtomicBool::new(true);
+        world.set_hook(Some(Arc::new(move |call: &SimCall| {
+            if call.op != SimOp::Deregister {
+                return;
+            }
+            if call.window == Some(wb) && armed.swap(false, Ordering::SeqCst) {
+                e.wait();
+                r.wait();
+            } else if call.window == Some(wa2) && armed_d.swap(false, Ordering::SeqCst) {
+                d.wait();
+            }
+        })));
+    }
+    let al_f = al.clone();
+    let free = thread::spawn(move || al_f.free(b));
+    entered.wait(); // the free is inside ncclCommWindowDeregister(wb)
+    let al_d = al.clone();
+    let detach = thread::spawn(move || al_d.detach(c2));
+    c2_dereg.wait(); // the detach deregisters a's window on c2; next: the write lock
+    thread::sleep(Duration::from_millis(200));
+    assert!(!detach.is_finished(), "detach must wait for the free");
+
+    // The control: a reader of the comm table is blocked now.
+    let (tx, rx) = mpsc::channel();
+    let al_r = al.clone();
+    let reader = thread::spawn(move || tx.send(al_r.comm_id(raw1)).unwrap());
+    let blocked = rx.recv_timeout(Duration::from_millis(300)).is_err();
+    #[cfg(target_os = "linux")]
+    assert!(
+        blocked,
+        "std's RwLock lets new readers in while a writer waits: the control proves nothing"
+    );
+
+    // The lookups answer anyway.
+    let al_l = al.clone();
+    let got = within_5s(move || {
+        (
+            al_l.window_of(c1, a + 8, 8),
+            al_l.window_of_raw(raw1, a + 8, 8),
+            al_l.window_of(c1, b, 8),
+        )
+    });
+    let (hit, hit_raw, freed) = got.expect("a lookup took the comm table's lock");
+    assert_eq!(hit.unwrap().window, wa);
+    assert_eq!(hit_raw.unwrap().window, wa);
+    assert_eq!(freed, Err(WindowError::NotTracked { ptr: b }));
+
+    release.wait();
+    assert_eq!(free.join().unwrap().unwrap().windows, 2);
+    assert_eq!(detach.join().unwrap().unwrap().deregistered, 1);
+    if blocked {
+        assert_eq!(rx.recv().unwrap(), Some(c1));
+    }
+    reader.join().unwrap();
+    world.set_hook(None);
+
+    al.free(a).unwrap();
+    al.free(p).unwrap();
+    al.detach(c1).unwrap();
+    world.comm_destroy(raw1).unwrap();
+    world.comm_destroy(raw2).unwrap();
+    assert_clean(&world);
+}
+
+/// A lookup to check: what it asked, when it started, what it answered.
+type Lookup<'a> =
+    dyn Fn(&Allocator<SimBackend>, CommId, RawComm, usize, usize) -> WindowResult + Sync + 'a;
+type WindowResult = Result<WindowHit, WindowError>;
+
+/// What the race harness saw.
+#[derive(Debug, Default)]
+struct RaceReport {
+    /// Broken rules, each described.
+    violations: Vec<String>,
+    /// Lookups that returned a window.
+    found: u64,
+    /// Of those, windows whose deregistration began after the lookup began
+    /// and before the check after its return (a free that overlapped the
+    /// lookup: allowed).
+    overlapped: u64,
+    /// Lookups refused because the segment was freed or not yet tracked.
+    not_tracked: u64,
+    /// Lookups refused because a pass had not registered the segment yet.
+    not_registered: u64,
+}
+
+/// Frees race lookups: one thread allocates segments, registers them with
+/// two comms and frees them in a shuffled order, round after round (the
+/// simulated NCCL hands freed addresses out again); two threads look up
+/// tensors at random places of the segments of the current round (through
+/// `lookup`), and a last sweep looks up every address after all frees.
+///
+/// The check, on every window returned: the simulated NCCL issued it for
+/// that comm and segment, the offset is right, and at the check right
+/// after the lookup returned it is still registered, or else its
+/// deregistration began after the lookup began (the deregistration hook
+/// stamps a shared clock that the lookup also stamps when it starts). A
+/// correct lookup linearizes before the free claims the window, which is
+/// before the deregistration begins; one that returns a window after its
+/// deregistration began (a stale cache, a window read after its claim)
+/// fails the check.
+fn race_lookups_with_frees(lookup: &Lookup<'_>, rounds: usize) -> RaceReport {
+    const SLOTS: usize = 6;
+    let world = SimWorld::new(1);
+    let al = Allocator::new(world.rank(0).unwrap());
+    let raws = [
+        world.comm_create(&[0]).unwrap()[0],
+        world.comm_create(&[0]).unwrap()[0],
+    ];
+    let ids = [al.attach(raws[0]).unwrap(), al.attach(raws[1]).unwrap()];
+    let clock = Arc::new(AtomicU64::new(1));
+    // Window -> clock stamp when its deregistration began.
+    let dereg_at: Arc<Mutex<HashMap<Window, u64>>> = Arc::default();
+    {
+        let (clock, dereg_at) = (clock.clone(), dereg_at.clone());
+        world.set_hook(Some(Arc::new(move |call: &SimCall| {
+            if let (SimOp::Deregister, Some(w)) = (call.op, call.window) {
+                // SeqCst: one total order with the lookups' stamps.
+                let t = clock.fetch_add(1, Ordering::SeqCst);
+                dereg_at.lock().unwrap().insert(w, t);
+            }
+        })));
+    }
+    // The current round's segments: (addr, len) per slot (0: none).
+    let slots: Vec<(AtomicUsize, AtomicUsize)> = (0..SLOTS)
+        .map(|_| (AtomicUsize::new(0), AtomicUsize::new(0)))
+        .collect();
+    let done = AtomicBool::new(false);
+    // Lookups made so far: the writer lets some happen in each phase.
+    let progress = AtomicU64::new(0);
+    let let_lookups_run = || {
+        let start = progress.load(Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_millis(20);
+        while progress.load(Ordering::SeqCst) < start + 64 && std::time::Instant::now() < deadline {
+            thread::yield_now();
+        }
+    };
+    let report = Mutex::new(RaceReport::default());
+    // Every distinct answer with a window: (comm index, window, segment).
+    let returned: Mutex<HashSet<(usize, Window, usize)>> = Mutex::default();
+    let ever: Mutex<Vec<(usize, usize)>> = Mutex::default();
+
+    let check = |ci: usize,
+                 ptr: usize,
+                 size: usize,
+                 t0: u64,
+                 r: Result<WindowHit, WindowError>,
+                 local: &mut RaceReport,
+                 mine: &mut HashSet<(usize, Window, usize)>| {
+        match r {
+            Ok(hit) => {
+                local.found += 1;
+                let seg = hit.segment;
+                if hit.offset != ptr - seg.addr || ptr < seg.addr || ptr + size > seg.end() {
+                    local.violations.push(format!(
+                        "[{ptr:#x}, +{size}) -> {hit:?}: wrong offset/segment"
+                    ));
+                }
+                if !world.windows_on(raws[ci]).contains(&hit.window) {
+                    match dereg_at.lock().unwrap().get(&hit.window) {
+                        Some(&d) if d > t0 => local.overlapped += 1,
+                        d => local.violations.push(format!(
+                            "lookup started at {t0} returned {:?}, deregistration began at {d:?}",
+                            hit.window
+                        )),
+                    }
+                }
+                mine.insert((ci, hit.window, seg.addr));
+            }
+            Err(WindowError::NotTracked { .. }) => local.not_tracked += 1,
+            Err(WindowError::NotRegistered { .. }) => local.not_registered += 1,
+            Err(WindowError::CrossesEnd { .. }) => {}
+            Err(e) => local.violations.push(format!("unexpected {e:?}")),
+        }
+    };
+
+    thread::scope(|s| {
+        // The allocating and freeing thread.
+        s.spawn(|| {
+            let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+            for _ in 0..rounds {
+                let mut mine = Vec::new();
+                for (i, slot) in slots.iter().enumerate() {
+                    let len = (1 + (xorshift(&mut rng) % 3) as usize) * 2 * MIB - 4096 * i;
+                    let p = al.alloc(len, 0).unwrap();
+                    slot.1.store(len, Ordering::SeqCst);
+                    slot.0.store(p, Ordering::SeqCst);
+                    ever.lock().unwrap().push((p, len));
+                    mine.push(p);
+                }
+                // Tracked, not registered yet.
+                let_lookups_run();
+                for &c in &ids {
+                    al.register(c).unwrap();
+                }
+                // Registered.
+                let_lookups_run();
+                // Shuffle, then free with the lookups running.
+                for i in (1..mine.len()).rev() {
+                    mine.swap(i, (xorshift(&mut rng) % (i as u64 + 1)) as usize);
+                }
+                for p in mine {
+                    al.free(p).unwrap();
+                    thread::yield_now();
+                }
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        // Two looking-up threads.
+        for seed in [1_u64, 2] {
+            let (al, report, returned, slots, done, clock, progress) =
+                (&al, &report, &returned, &slots, &done, &clock, &progress);
+            let check = &check;
+            s.spawn(move || {
+                let mut rng = 0x2545_f491_4f6c_dd1d_u64 ^ seed;
+                let mut local = RaceReport::default();
+                let mut mine = HashSet::new();
+                while !done.load(Ordering::SeqCst) {
+                    let r = xorshift(&mut rng);
+                    let slot = &slots[r as usize % SLOTS];
+                    let (p, len) = (slot.0.load(Ordering::SeqCst), slot.1.load(Ordering::SeqCst));
+                    if p == 0 {
+                        continue;
+                    }
+                    let off = ((r >> 8) as usize % len.max(1)) & !7;
+                    let size = ((r >> 40) as usize % 8192).min(len.saturating_sub(off));
+                    let ci = (r >> 60) as usize % 2;
+                    // SeqCst: see the hook.
+                    let t0 = clock.fetch_add(1, Ordering::SeqCst);
+                    let res = lookup(al, ids[ci], raws[ci], p + off, size);
+                    check(ci, p + off, size, t0, res, &mut local, &mut mine);
+                    progress.fetch_add(1, Ordering::SeqCst);
+                }
+                let mut rep = report.lock().unwrap();
+                rep.violations.append(&mut local.violations);
+                rep.found += local.found;
+                rep.overlapped += local.overlapped;
+                rep.not_tracked += local.not_tracked;
+                rep.not_registered += local.not_registered;
+                returned.lock().unwrap().extend(mine);
+            });
+        }
+    });
+
+    // The sweep: everything is freed now; no lookup may find a window.
+    let mut local = RaceReport::default();
+    let mut mine = HashSet::new();
+    for &(p, len) in ever.lock().unwrap().iter() {
+        for (ci, off) in [(0, 0), (1, 4096), (0, len - 8)] {
+            let t0 = clock.fetch_add(1, Ordering::SeqCst);
+            let res = lookup(&al, ids[ci], raws[ci], p + off, 8);
+            check(ci, p + off, 8, t0, res, &mut local, &mut mine);
+        }
+    }
+    world.set_hook(None);
+    let mut report = report.into_inner().unwrap();
+    report.violations.append(&mut local.violations);
+    report.found += local.found;
+
+    // Every window returned was issued for that comm and segment.
+    let issued: HashMap<Window, (RawComm, usize)> = world
+        .trace()
+        .iter()
+        .filter(|e| e.op == SimOp::Register && e.ok)
+        .filter_map(|e| e.window.map(|w| (w, (e.comm, e.ptr))))
+        .collect();
+    returned.lock().unwrap().extend(mine);
+    for (ci, w, addr) in returned.into_inner().unwrap() {
+        if issued.get(&w) != Some(&(raws[ci], addr)) {
+            report.violations.push(format!(
+                "{w:?} returned for comm {ci}, segment {addr:#x}; issued for {:?}",
+                issued.get(&w)
+            ));
+        }
+    }
+    for &c in &ids {
+        al.detach(c).unwrap();
+    }
+    for r in raws {
+        world.comm_destroy(r).unwrap();
+    }
+    assert_clean(&world);
+    report
+}
+
+fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+/// Lookups racing frees on other threads never return a window whose
+/// deregistration had begun when the lookup began (see
+/// `race_lookups_with_frees`), through the id and the raw handle.
+#[test]
+fn window_lookup_racing_free_never_returns_a_deregistered_window() {
+    let by_id: &Lookup<'_> = &|al, c, _, p, n| al.window_of(c, p, n);
+    let by_raw: &Lookup<'_> = &|al, _, raw, p, n| al.window_of_raw(raw, p, n);
+    for (name, lookup) in [("window_of", by_id), ("window_of_raw", by_raw)] {
+        let r = race_lookups_with_frees(lookup, 150);
+        println!("{name}: {r:?}");
+        assert!(r.violations.is_empty(), "{name}: {:#?}", r.violations);
+        // The race was exercised: windows found, and lookups refused
+        // because of a free or a pass not run yet.
+        assert!(r.found > 100, "{name}: {r:?}");
+        assert!(r.not_tracked > 0 && r.not_registered > 0, "{name}: {r:?}");
+    }
+}
+
+/// The check above can fail: a lookup with a cache that is never
+/// invalidated (it returns the window it found before for any pointer of
+/// that segment, even after the free) is caught, in the race and in the
+/// sweep after the last free.
+#[test]
+fn window_lookup_race_check_catches_a_stale_cache() {
+    let cache: Mutex<Vec<(CommId, WindowHit)>> = Mutex::default();
+    let stale: &Lookup<'_> = &|al, c, _, p, n| {
+        let hit = cache.lock().unwrap().iter().find_map(|&(cc, h)| {
+            (cc == c && h.segment.addr <= p && p + n <= h.segment.end()).then(|| WindowHit {
+                offset: p - h.segment.addr,
+                ..h
+            })
+        });
+        if let Some(h) = hit {
+            return Ok(h);
+        }
+        let r = al.window_of(c, p, n);
+        if let Ok(h) = r {
+            cache.lock().unwrap().push((c, h));
+        }
+        r
+    };
+    let r = race_lookups_with_frees(stale, 20);
+    assert!(
+        r.violations
+            .iter()
+            .any(|v| v.contains("deregistration began at")),
+        "the check missed a stale window: {r:?}"
+    );
+}
+
+/// The raw-handle index under churn: two comms are attached and detached in
+/// turn (so they keep taking each other's slot of the index) while lookups
+/// by raw handle run; every window returned was registered on that very
+/// handle and was not being deregistered before the lookup began. More
+/// than 64 comms attached at once spill out of the index and are still
+/// found.
+#[test]
+fn window_of_raw_under_attach_detach_churn() {
+    let world = SimWorld::new(1);
+    let al = Allocator::new(world.rank(0).unwrap());
+    let p = al.alloc(2 * MIB, 0).unwrap();
+    let raws = [
+        world.comm_create(&[0]).unwrap()[0],
+        world.comm_create(&[0]).unwrap()[0],
+    ];
+    let clock = Arc::new(AtomicU64::new(1));
+    let dereg_at: Arc<Mutex<HashMap<Window, u64>>> = Arc::default();
+    {
+        let (clock, dereg_at) = (clock.clone(), dereg_at.clone());
+        world.set_hook(Some(Arc::new(move |call: &SimCall| {
+            if let (SimOp::Deregister, Some(w)) = (call.op, call.window) {
+                // SeqCst: one total order with the lookups' stamps.
+                let t = clock.fetch_add(1, Ordering::SeqCst);
+                dereg_at.lock().unwrap().insert(w, t);
+            }
+        })));
+    }
+    let done = AtomicBool::new(false);
+    let (found, unknown) = (AtomicU64::new(0), AtomicU64::new(0));
+    let violations: Mutex<Vec<String>> = Mutex::default();
+    let returned: Mutex<HashSet<(RawComm, Window)>> = Mutex::default();
+    thread::scope(|s| {
+        s.spawn(|| {
+            for i in 0..400 {
+                let raw = raws[i % 2];
+                let c = al.attach(raw).unwrap();
+                al.register(c).unwrap();
+                thread::yield_now();
+                al.detach(c).unwrap();
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        s.spawn(|| {
+            let mut i = 0;
+            while !done.load(Ordering::SeqCst) {
+                i += 1;
+                let raw = raws[i % 2];
+                // SeqCst: see the hook.
+                let t0 = clock.fetch_add(1, Ordering::SeqCst);
+                match al.window_of_raw(raw, p + 64, 64) {
+                    Ok(hit) => {
+                        found.fetch_add(1, Ordering::Relaxed);
+                        returned.lock().unwrap().insert((raw, hit.window));
+                        if !world.windows_on(raw).contains(&hit.window) {
+                            match dereg_at.lock().unwrap().get(&hit.window) {
+                                Some(&d) if d > t0 => {}
+                                d => violations.lock().unwrap().push(format!(
+                                    "{raw:?} at {t0}: {:?}, deregistration began at {d:?}",
+                                    hit.window
+                                )),
+                            }
+                        }
+                    }
+                    Err(WindowError::UnknownComm(_) | WindowError::NotAttached(_)) => {
+                        unknown.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(WindowError::NotRegistered { .. }) => {}
+                    Err(e) => violations.lock().unwrap().push(format!("unexpected {e:?}")),
+                }
+            }
+        });
+    });
+    world.set_hook(None);
+    let v = violations.into_inner().unwrap();
+    assert!(v.is_empty(), "{v:#?}");
+    // Every window returned was issued on the handle it was asked for.
+    let issued: HashMap<Window, RawComm> = world
+        .trace()
+        .iter()
+        .filter(|e| e.op == SimOp::Register && e.ok)
+        .filter_map(|e| e.window.map(|w| (w, e.comm)))
+        .collect();
+    for (raw, w) in returned.into_inner().unwrap() {
+        assert_eq!(issued.get(&w), Some(&raw), "{w:?}");
+    }
+    let (found, unknown) = (found.into_inner(), unknown.into_inner());
+    println!("churn: {found} found, {unknown} not attached");
+    assert!(found > 0 && unknown > 0);
+
+    // 70 comms at once: the last ones have no slot, and are found anyway.
+    let many: Vec<(RawComm, CommId)> = (0..70)
+        .map(|_| {
+            let raw = world.comm_create(&[0]).unwrap()[0];
+            (raw, al.attach(raw).unwrap())
+        })
+        .collect();
+    for &(raw, c) in &many {
+        al.register(c).unwrap();
+        assert_eq!(al.window_of_raw(raw, p, 8), al.window_of(c, p, 8));
+        assert!(al.window_of_raw(raw, p, 8).is_ok());
+    }
+    for &(raw, c) in &many {
+        al.detach(c).unwrap();
+        assert_eq!(
+            al.window_of_raw(raw, p, 8),
+            Err(WindowError::UnknownComm(raw))
+        );
+        world.comm_destroy(raw).unwrap();
+    }
+    // Slots and spill count are back to empty: a new comm is found.
+    let raw = world.comm_create(&[0]).unwrap()[0];
+    let c = al.attach(raw).unwrap();
+    al.register(c).unwrap();
+    assert!(al.window_of_raw(raw, p, 8).is_ok());
+    al.detach(c).unwrap();
+    world.comm_destroy(raw).unwrap();
+    al.free(p).unwrap();
+    for r in raws {
+        world.comm_destroy(r).unwrap();
+    }
+    assert_clean(&world);
 }

@@ -1,6 +1,7 @@
 //! The C ABI, driven through the cdylib's exported symbols (dlopen, as
 //! PyTorch's CUDAPluggableAllocator does), on the simulated backend. Bad
-//! input included: null, unknown pointer, double free, unknown comm.
+//! input included: null, unknown pointer, double free, unknown comm; and
+//! the window lookup `segreg_window_get`, every answer and bad input.
 //!
 //! One test function: the library keeps one process-wide allocator.
 #![cfg(not(feature = "loom"))]
@@ -11,7 +12,10 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ptr::null_mut;
 
 use libloading::{Library, Symbol};
-use segment_registry_nccl::capi::SegregStats;
+use segment_registry_nccl::capi::{
+    SegregStats, SEGREG_ERR_CROSSES_END, SEGREG_ERR_INVALID, SEGREG_ERR_NOT_ATTACHED,
+    SEGREG_ERR_NOT_REGISTERED, SEGREG_ERR_NOT_TRACKED, SEGREG_ERR_NO_WINDOW, SEGREG_OK,
+};
 
 type Init = unsafe extern "C" fn() -> c_int;
 type Alloc = unsafe extern "C" fn(usize, c_int, *mut c_void) -> *mut c_void;
@@ -23,6 +27,8 @@ type Stats = unsafe extern "C" fn(*mut SegregStats, usize) -> c_int;
 type Str = unsafe extern "C" fn() -> *const c_char;
 type MakeComm = unsafe extern "C" fn() -> *mut c_void;
 type Count = unsafe extern "C" fn() -> i64;
+type WindowGet =
+    unsafe extern "C" fn(*mut c_void, *mut c_void, usize, *mut *mut c_void, *mut usize) -> c_int;
 
 const MIB: usize = 1 << 20;
 
@@ -39,6 +45,8 @@ struct Api<'l> {
     stats: Symbol<'l, Stats>,
     last_error: Symbol<'l, Str>,
     comm_create: Symbol<'l, MakeComm>,
+    comm_create_nosym: Symbol<'l, MakeComm>,
+    window_get: Symbol<'l, WindowGet>,
     comm_destroy: Symbol<'l, CommFn>,
     violations: Symbol<'l, Count>,
 }
@@ -67,6 +75,8 @@ fn load(lib: &Library) -> Api<'_> {
         stats: sym!(lib, b"segreg_stats"),
         last_error: sym!(lib, b"segreg_last_error"),
         comm_create: sym!(lib, b"segreg_sim_comm_create"),
+        comm_create_nosym: sym!(lib, b"segreg_sim_comm_create_nosym"),
+        window_get: sym!(lib, b"segreg_window_get"),
         comm_destroy: sym!(lib, b"segreg_sim_comm_destroy"),
         violations: sym!(lib, b"segreg_sim_violations"),
     }
@@ -74,8 +84,9 @@ fn load(lib: &Library) -> Api<'_> {
 
 /// Safe wrappers: the library takes device pointers and comm handles as
 /// opaque values (it never dereferences them and refuses unknown ones), so
-/// any value is a valid argument; only `segreg_stats` writes through its
-/// pointer, which the wrappers pass valid or null.
+/// any value is a valid argument; only `segreg_stats` and
+/// `segreg_window_get` write through their pointers, which the wrappers pass
+/// valid or null.
 impl Api<'_> {
     fn init(&self) -> c_int {
         // SAFETY: no arguments.
@@ -125,6 +136,49 @@ impl Api<'_> {
         // SAFETY: no arguments.
         unsafe { (self.comm_create)() }
     }
+    fn comm_create_nosym(&self) -> *mut c_void {
+        // SAFETY: no arguments.
+        unsafe { (self.comm_create_nosym)() }
+    }
+    /// `segreg_window_get` with the outputs given (None: null), each
+    /// preset by the caller.
+    fn window_get_into(
+        &self,
+        comm: *mut c_void,
+        ptr: usize,
+        size: usize,
+        win: Option<&mut *mut c_void>,
+        offset: Option<&mut usize>,
+    ) -> c_int {
+        let w = win.map_or(null_mut(), |w| w as *mut *mut c_void);
+        let o = offset.map_or(null_mut(), |o| o as *mut usize);
+        // SAFETY: `w` and `o` are null or valid, writable locals.
+        unsafe { (self.window_get)(comm, ptr as *mut c_void, size, w, o) }
+    }
+    /// `segreg_window_get` → (code, window, offset), with both outputs
+    /// preset to garbage so that the test sees what was written.
+    fn window_get(&self, comm: *mut c_void, ptr: usize, size: usize) -> (c_int, usize, usize) {
+        let (mut w, mut o) = (0xbad as *mut c_void, 0xbad_usize);
+        let rc = self.window_get_into(comm, ptr, size, Some(&mut w), Some(&mut o));
+        (rc, w as usize, o)
+    }
+    /// Expects a lookup error: `code`, outputs zeroed, a last error that
+    /// contains `needle`.
+    fn window_refused(
+        &self,
+        comm: *mut c_void,
+        ptr: usize,
+        size: usize,
+        code: c_int,
+        needle: &str,
+    ) {
+        assert_eq!(
+            self.window_get(comm, ptr, size),
+            (code, 0, 0),
+            "lookup of [{ptr:#x}, +{size})"
+        );
+        self.expect_error(needle);
+    }
     fn comm_destroy(&self, comm: *mut c_void) -> c_int {
         // SAFETY: opaque handle.
         unsafe { (self.comm_destroy)(comm) }
@@ -170,6 +224,13 @@ fn c_abi_through_the_exported_symbols() {
     assert_eq!(api.stats_into(Some(&mut s), size_of::<SegregStats>()), -1);
     api.free(bad(0x1000), 0);
     api.expect_error("not initialized");
+    api.window_refused(
+        bad(0x5500_0000),
+        0x1000,
+        8,
+        SEGREG_ERR_INVALID,
+        "not initialized",
+    );
 
     // The real backend on a machine without CUDA/NCCL: a typed error.
     if segment_registry_nccl::real::RealBackend::new().is_err() {
@@ -268,4 +329,149 @@ fn c_abi_through_the_exported_symbols() {
     assert_eq!((s.allocs, s.frees, s.mem_frees), (3, 3, 3));
     assert_eq!((s.windows_registered, s.windows_deregistered), (3, 3));
     assert_eq!((s.comms_attached, s.sim_violations), (0, 0));
+
+    window_lookup(&api);
+}
+
+/// `segreg_window_get`: every answer, bad input, after free, after detach,
+/// and a comm address that comes back.
+fn window_lookup(api: &Api<'_>) {
+    let bad = |v: usize| v as *mut c_void;
+    let comm = api.comm_create();
+    assert!(api.attach(comm) > 0);
+    let a = api.alloc(4 * MIB) as usize;
+    let b = api.alloc(2 * MIB) as usize;
+    assert!(a != 0 && b != 0);
+
+    // Allocated, not registered with the comm yet.
+    api.window_refused(comm, a, 64, SEGREG_ERR_NOT_REGISTERED, "not registered");
+    assert_eq!(api.register(comm), 2);
+
+    // Found: the window and the offset of tensors carved out of a and b.
+    let (rc, wa, off) = api.window_get(comm, a, 4 * MIB);
+    assert_eq!((rc, off), (SEGREG_OK, 0));
+    assert!(api.error().is_none(), "success clears the last error");
+    assert_ne!(wa, 0);
+    for (t, size) in [
+        (a + 4096, 4096),
+        (a + MIB + 256, 1000),
+        (a + 4 * MIB - 8, 8),
+    ] {
+        assert_eq!(api.window_get(comm, t, size), (SEGREG_OK, wa, t - a));
+    }
+    assert_eq!(
+        api.window_get(comm, a + 100, 0),
+        (SEGREG_OK, wa, 100),
+        "size 0"
+    );
+    let (rc, wb, off) = api.window_get(comm, b + 12_288, 64);
+    assert_eq!((rc, off), (SEGREG_OK, 12_288));
+    assert!(wb != 0 && wb != wa, "one window per allocation");
+
+    // Not found: each answer has its code, outputs zeroed, a message.
+    api.window_refused(
+        comm,
+        a + 4 * MIB - 8,
+        16,
+        SEGREG_ERR_CROSSES_END,
+        "runs past",
+    );
+    api.window_refused(comm, a, usize::MAX, SEGREG_ERR_CROSSES_END, "runs past");
+    api.window_refused(
+        comm,
+        0xdead_0000,
+        8,
+        SEGREG_ERR_NOT_TRACKED,
+        "no live allocation",
+    );
+    api.window_refused(comm, 0, 8, SEGREG_ERR_NOT_TRACKED, "no live allocation");
+    api.window_refused(
+        bad(0x4242_0000),
+        a,
+        8,
+        SEGREG_ERR_NOT_ATTACHED,
+        "not attached",
+    );
+    api.window_refused(null_mut(), a, 8, SEGREG_ERR_INVALID, "null communicator");
+
+    // Null outputs: refused; the other output is still zeroed.
+    let mut o = 0xbad_usize;
+    assert_eq!(
+        api.window_get_into(comm, a, 8, None, Some(&mut o)),
+        SEGREG_ERR_INVALID
+    );
+    api.expect_error("null output pointer");
+    assert_eq!(o, 0);
+    let mut w = 0xbad as *mut c_void;
+    assert_eq!(
+        api.window_get_into(comm, a, 8, Some(&mut w), None),
+        SEGREG_ERR_INVALID
+    );
+    assert!(w.is_null());
+    assert_eq!(
+        api.window_get_into(comm, a, 8, None, None),
+        SEGREG_ERR_INVALID
+    );
+
+    // A comm without symmetric support: registered, no window.
+    let nosym = api.comm_create_nosym();
+    assert!(!nosym.is_null());
+    assert!(api.attach(nosym) > 0);
+    api.window_refused(nosym, a, 8, SEGREG_ERR_NOT_REGISTERED, "not registered");
+    assert_eq!(api.register(nosym), 2);
+    api.window_refused(
+        nosym,
+        a + 8,
+        8,
+        SEGREG_ERR_NO_WINDOW,
+        "no symmetric support",
+    );
+    assert_eq!(
+        api.window_get(comm, a + 8, 8),
+        (SEGREG_OK, wa, 8),
+        "other comm unaffected"
+    );
+
+    // After free: the lookup fails cleanly, for every tensor of it.
+    api.free(a as *mut c_void, 4 * MIB);
+    assert!(api.error().is_none());
+    for t in [a, a + 4096, a + 4 * MIB - 8] {
+        api.window_refused(comm, t, 8, SEGREG_ERR_NOT_TRACKED, "or freed");
+        api.window_refused(nosym, t, 8, SEGREG_ERR_NOT_TRACKED, "or freed");
+    }
+    assert_eq!(api.window_get(comm, b, 8), (SEGREG_OK, wb, 0));
+
+    // After detach: not attached, though b is live.
+    assert_eq!(api.detach(comm), 1);
+    api.window_refused(comm, b, 8, SEGREG_ERR_NOT_ATTACHED, "not attached");
+    assert_eq!(api.comm_destroy(comm), 0);
+
+    // The comm's address comes back: a new comm, which has no window for
+    // b until its pass; never the old comm's window.
+    let again = api.comm_create();
+    assert_eq!(again, comm);
+    assert!(api.attach(again) > 0);
+    api.window_refused(again, b, 8, SEGREG_ERR_NOT_REGISTERED, "not registered");
+    assert_eq!(api.register(again), 1);
+    let (rc, wb2, off) = api.window_get(again, b, 8);
+    assert_eq!((rc, off), (SEGREG_OK, 0));
+    assert_ne!(wb2, 0);
+
+    for c in [again, nosym] {
+        assert!(api.detach(c) >= 0);
+        assert_eq!(api.comm_destroy(c), 0);
+    }
+    api.free(b as *mut c_void, 2 * MIB);
+    assert_eq!(api.violations(), 0);
+    let s = api.stats();
+    assert_eq!(
+        (
+            s.live_segments,
+            s.pending_frees,
+            s.windows_live,
+            s.comms_attached
+        ),
+        (0, 0, 0, 0)
+    );
+    assert_eq!(s.windows_registered, s.windows_deregistered);
 }

@@ -1,7 +1,7 @@
 //! `include/segment_registry.h` matches the library: the same functions as
 //! the cdylib exports (read from its ELF dynamic symbol table), with the
-//! same parameter and return types as `src/capi.rs` declares, and the same
-//! stats struct.
+//! same parameter and return types as `src/capi.rs` declares, the same
+//! stats struct, and the same `SEGREG_*` return codes.
 #![cfg(not(feature = "loom"))]
 
 mod cdylib;
@@ -85,9 +85,11 @@ fn c_type(rust: &str) -> String {
         "usize" => "size_t",
         "i64" => "int64_t",
         "*mut c_void" => "void*",
+        "*mut *mut c_void" => "void**",
+        "*mut usize" => "size_t*",
         "*const c_char" => "const char*",
         "CudaStream" => "cudaStream_t",
-        "*mut SegregStats" => "segreg_stats*",
+        "*mut SegregStats" => "segreg_stats_t*",
         other => panic!("no C spelling for Rust type {other:?}"),
     }
     .to_string()
@@ -193,6 +195,130 @@ fn header_signatures_match_the_rust_definitions() {
             ]
         )
     );
+}
+
+#[test]
+fn header_return_codes_match_the_rust_constants() {
+    // `#define SEGREG_X (-n)` in the header.
+    let header: BTreeMap<String, i32> = HEADER
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("#define SEGREG_"))
+        .map(|l| {
+            let mut it = l.split_whitespace();
+            let name = format!("SEGREG_{}", it.next().unwrap());
+            let value = it.next().unwrap().trim_matches(['(', ')']);
+            (name, value.parse().unwrap())
+        })
+        .collect();
+    // `pub const SEGREG_X: c_int = -n;` in capi.rs.
+    let rust: BTreeMap<String, i32> = CAPI
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("pub const SEGREG_"))
+        .map(|l| {
+            let (name, rest) = l.split_once(':').unwrap();
+            let value = rest.split_once('=').unwrap().1.trim().trim_end_matches(';');
+            (format!("SEGREG_{name}"), value.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(header, rust);
+    assert_eq!(header.len(), 8, "{header:?}");
+    assert_eq!(header["SEGREG_OK"], segment_registry_nccl::capi::SEGREG_OK);
+    assert_eq!(
+        header["SEGREG_ERR_NO_WINDOW"],
+        segment_registry_nccl::capi::SEGREG_ERR_NO_WINDOW
+    );
+    // Distinct codes, one per answer.
+    let mut values: Vec<i32> = header.values().copied().collect();
+    values.sort_unstable();
+    values.dedup();
+    assert_eq!(values.len(), header.len());
+    // HCCL's shape: (comm, ptr, size, &win, &offset) -> int.
+    assert_eq!(
+        header_functions()["segreg_window_get"],
+        (
+            "int".into(),
+            vec![
+                "void*".into(),
+                "void*".into(),
+                "size_t".into(),
+                "void**".into(),
+                "size_t*".into()
+            ]
+        )
+    );
+}
+
+/// A C program that uses every declaration of the header.
+const USES_EVERY_DECLARATION: &str = r#"
+#include "segment_registry.h"
+int main(void) {
+    struct segreg_stats s1;
+    segreg_stats_t s2;
+    void *win = NULL;
+    size_t offset = 0;
+    int codes[] = {SEGREG_OK, SEGREG_ERR_INVALID, SEGREG_ERR_NOT_ATTACHED,
+                   SEGREG_ERR_NOT_TRACKED, SEGREG_ERR_CROSSES_END,
+                   SEGREG_ERR_NOT_REGISTERED, SEGREG_ERR_NO_WINDOW,
+                   SEGREG_ERR_INTERNAL};
+    cudaStream_t stream = NULL;
+    void *comm = segreg_sim_comm_create();
+    void *nosym = segreg_sim_comm_create_nosym();
+    void *p = segreg_alloc(1, 0, stream);
+    int64_t id = segreg_attach(comm) + segreg_sim_violations();
+    int n = segreg_init() + segreg_init_sim() + segreg_register(comm)
+          + segreg_register_all() + segreg_detach(comm)
+          + segreg_stats(&s1, sizeof s1) + segreg_stats(&s2, sizeof s2)
+          + segreg_window_get(comm, p, 1, &win, &offset)
+          + segreg_sim_comm_destroy(nosym) + codes[0];
+    const char *e = segreg_last_error();
+    const char *b = segreg_backend();
+    segreg_free(p, 1, 0, stream);
+    return n + (int)id + (e != b);
+}
+"#;
+
+/// The header compiles as C (C99 and C11) and as C++ with the machine's
+/// compilers, warnings as errors (skipped, with a note, where none is
+/// installed).
+#[test]
+fn header_compiles_as_c_and_cpp() {
+    let dir = std::env::temp_dir().join(format!("segreg-header-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let include = concat!(env!("CARGO_MANIFEST_DIR"), "/include");
+    let mut compiled = 0;
+    for (compiler, file, std) in [
+        ("cc", "use.c", "-std=c99"),
+        ("cc", "use.c", "-std=c11"),
+        ("c++", "use.cc", "-std=c++17"),
+    ] {
+        let src = dir.join(file);
+        std::fs::write(&src, USES_EVERY_DECLARATION).unwrap();
+        let out = std::process::Command::new(compiler)
+            .args([
+                std,
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-fsyntax-only",
+                "-I",
+                include,
+            ])
+            .arg(&src)
+            .output();
+        match out {
+            Ok(o) => {
+                assert!(
+                    o.status.success(),
+                    "{compiler} {std}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                compiled += 1;
+            }
+            Err(e) => println!("{compiler} not run ({e}): header not compiled as {std}"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("header compiled {compiled} time(s)");
 }
 
 #[test]
