@@ -501,9 +501,17 @@ fn panic_after_forget_in_callback_loses_no_window() {
     }));
     assert!(r.is_err());
     // The comm is gone: what the pass owed is with the registry's orphans.
-    assert!(forgotten.is_empty(), "the pass still held it when forget ran");
+    assert!(
+        forgotten.is_empty(),
+        "the pass still held it when forget ran"
+    );
     let orphans = reg.take_orphans();
-    forgotten.extend(orphans.windows.into_iter().map(|h| (h.window, h.hold.release())));
+    forgotten.extend(
+        orphans
+            .windows
+            .into_iter()
+            .map(|h| (h.window, h.hold.release())),
+    );
     forgotten.extend(orphans.free_now.iter().map(|s| (s.seq, true)));
     assert_eq!(forgotten, vec![(7, true)], "window 7 of A, with A's free");
     assert!(reg.take_orphans().windows.is_empty(), "handed back once");
