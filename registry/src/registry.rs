@@ -56,6 +56,9 @@ struct CommSlot<C, W> {
     /// next pass on this comm, or to `forget`. A std mutex, touched only on
     /// that path, by the BUSY owner or by forget.
     orphans: std::sync::Mutex<Orphans<W>>,
+    /// Set after parking orphans, cleared by whoever takes them (a std
+    /// atomic like the mutex: only the BUSY owner or forget touch it).
+    has_orphans: std::sync::atomic::AtomicBool,
 }
 
 /// Hand-backs and frees of a pass that unwound (see `CommSlot::orphans`).
@@ -79,6 +82,14 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl<C, W> CommSlot<C, W> {
     /// Takes the orphans as hand-backs (each keeps the hold it had).
     fn take_orphans<'r>(&self, counters: &'r Counters) -> (Vec<HandBack<'r, W>>, Vec<Segment>) {
+        // Acquire: pairs with the Release store made after parking. The
+        // common case (nothing parked) takes no lock.
+        if !self
+            .has_orphans
+            .swap(false, std::sync::atomic::Ordering::Acquire)
+        {
+            return (Vec::new(), Vec::new());
+        }
         let mut o = lock(&self.orphans);
         let backs = o
             .handed_back
@@ -991,6 +1002,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
                 handed_back: Vec::new(),
                 free_now: Vec::new(),
             }),
+            has_orphans: std::sync::atomic::AtomicBool::new(false),
         });
         self.comms.write().unwrap().insert(id, slot);
         id

@@ -274,6 +274,10 @@ impl<C, W, I: AddressIndex> Drop for PassRun<'_, '_, C, W, I> {
             }
             o.free_now.append(&mut self.report.free_now);
         }
+        // Release: publishes the parked orphans to `take_orphans`.
+        self.slot
+            .has_orphans
+            .store(true, std::sync::atomic::Ordering::Release);
         self.release_busy();
     }
 }
