@@ -15,6 +15,8 @@ cd "$root"
 cargo build --release -p segment-registry-nccl --lib --bin segment-registry-demo
 cp "$CARGO_TARGET_DIR/release/segment-registry-demo" \
    "$CARGO_TARGET_DIR/release/libsegment_registry_nccl.so" "$out/"
+cargo build --release -p segment-registry-nccl --bin segment-registry-two-ranks
+cp "$CARGO_TARGET_DIR/release/segment-registry-two-ranks" "$out/"
 exe=$(cargo test --release -p segment-registry-nccl --test gpu_real --no-run \
         --message-format=json 2>/dev/null |
       python3 -c 'import json, sys

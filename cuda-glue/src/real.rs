@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::result::ctx;
 use cudarc::driver::sys::CUcontext;
 use cudarc::driver::CudaContext;
-use cudarc::nccl::sys::{ncclComm_t, ncclUniqueId, ncclWindow_t};
+use cudarc::nccl::sys::{
+    cudaStream_t, ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId, ncclWindow_t,
+};
 
 use crate::backend::{Backend, BackendError, RawComm, Window, MIN_NCCL_VERSION};
 use crate::util::lock;
@@ -36,6 +38,18 @@ type CommCuDeviceFn = unsafe extern "C" fn(ncclComm_t, *mut c_int) -> c_int;
 type GetUniqueIdFn = unsafe extern "C" fn(*mut ncclUniqueId) -> c_int;
 type CommInitRankFn = unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int) -> c_int;
 type CommDestroyFn = unsafe extern "C" fn(ncclComm_t) -> c_int;
+/// `ncclAllReduce`; the data type and the reduction are C enums (`int`).
+type AllReduceFn = unsafe extern "C" fn(
+    *const c_void,
+    *mut c_void,
+    usize,
+    c_int,
+    c_int,
+    ncclComm_t,
+    cudaStream_t,
+) -> c_int;
+/// `ncclCommCount` and `ncclCommUserRank`.
+type CommQueryFn = unsafe extern "C" fn(ncclComm_t, *mut c_int) -> c_int;
 
 /// The NCCL entry points the glue uses, resolved once.
 #[derive(Clone, Copy)]
@@ -51,6 +65,12 @@ struct NcclApi {
     get_unique_id: GetUniqueIdFn,
     comm_init_rank: CommInitRankFn,
     comm_destroy: CommDestroyFn,
+    // Used only by the multi-rank helpers below (`comm_init_rank`,
+    // `all_reduce_sum_f32`, ...): optional, so that a library without them
+    // still serves the allocator; their absence is reported when used.
+    all_reduce: Option<AllReduceFn>,
+    comm_count: Option<CommQueryFn>,
+    comm_user_rank: Option<CommQueryFn>,
 }
 
 /// The NCCL library: cudarc's loader if it finds one of its candidate names
@@ -135,6 +155,9 @@ impl NcclApi {
             get_unique_id: sym!(lib, "ncclGetUniqueId")?,
             comm_init_rank: sym!(lib, "ncclCommInitRank")?,
             comm_destroy: sym!(lib, "ncclCommDestroy")?,
+            all_reduce: sym!(lib, "ncclAllReduce").ok(),
+            comm_count: sym!(lib, "ncclCommCount").ok(),
+            comm_user_rank: sym!(lib, "ncclCommUserRank").ok(),
         };
         Ok((api, version))
     }
@@ -510,5 +533,250 @@ impl Backend for RealBackend {
                 _ => Err(self.api.error("ncclCommWindowDeregister", rc, Some(c))),
             }
         })
+    }
+}
+
+// ----------------------------------------------------------------------
+// Multi-rank helpers: one process per GPU (the two-rank program,
+// `src/bin/two_ranks.rs`). Symbols resolved up front like the others;
+// the optional ones are reported as `SymbolMissing` when first used.
+// ----------------------------------------------------------------------
+
+/// An NCCL unique id (`ncclUniqueId`): 128 opaque bytes that one rank makes
+/// with [`RealBackend::unique_id`] and every rank of the new comm passes to
+/// [`RealBackend::comm_init_rank`]. It travels between processes as hex
+/// ([`to_hex`](Self::to_hex), [`from_hex`](Self::from_hex)).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct UniqueId(pub [u8; UniqueId::LEN]);
+
+impl UniqueId {
+    /// `NCCL_UNIQUE_ID_BYTES`.
+    pub const LEN: usize = 128;
+
+    /// Lower-case hex, 256 characters.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses [`to_hex`](Self::to_hex)'s output (surrounding whitespace
+    /// ignored). A wrong length or a non-hex character is a typed error.
+    pub fn from_hex(s: &str) -> Result<Self, BackendError> {
+        let s = s.trim();
+        let bad = |reason: String| BackendError::InvalidArgument {
+            call: "ncclUniqueId",
+            reason,
+        };
+        if s.len() != 2 * Self::LEN || !s.is_ascii() {
+            return Err(bad(format!(
+                "expected {} hex characters, got {} characters",
+                2 * Self::LEN,
+                s.len()
+            )));
+        }
+        let mut out = [0u8; Self::LEN];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
+                .map_err(|_| bad(format!("not hex at byte {i}: {:?}", &s[2 * i..2 * i + 2])))?;
+        }
+        Ok(UniqueId(out))
+    }
+
+    fn to_nccl(self) -> ncclUniqueId {
+        let mut id = ncclUniqueId { internal: [0; 128] };
+        for (d, s) in id.internal.iter_mut().zip(self.0) {
+            *d = s as c_char;
+        }
+        id
+    }
+
+    fn from_nccl(id: &ncclUniqueId) -> Self {
+        let mut out = [0u8; Self::LEN];
+        for (d, s) in out.iter_mut().zip(id.internal) {
+            *d = s as u8;
+        }
+        UniqueId(out)
+    }
+}
+
+impl std::fmt::Debug for UniqueId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h = self.to_hex();
+        write!(f, "UniqueId({}…)", &h[..16])
+    }
+}
+
+impl RealBackend {
+    /// `ncclGetUniqueId`: a fresh id for a new comm (rank 0 makes it and
+    /// hands it to the other ranks). Needs no device.
+    pub fn unique_id(&self) -> Result<UniqueId, BackendError> {
+        let mut id = ncclUniqueId { internal: [0; 128] };
+        // SAFETY: valid out-pointer of the right type.
+        let rc = unsafe { (self.api.get_unique_id)(&mut id) };
+        if rc != 0 {
+            return Err(self.api.error("ncclGetUniqueId", rc, None));
+        }
+        Ok(UniqueId::from_nccl(&id))
+    }
+
+    /// `ncclCommInitRank(nranks, id, rank)` on `device`: joins rank `rank`
+    /// of a comm of `nranks` ranks. Collective: blocks until every rank has
+    /// called it with the same id (bound it with a watchdog). Leaves the
+    /// thread's current context as it was.
+    pub fn comm_init_rank(
+        &self,
+        device: i32,
+        nranks: i32,
+        rank: i32,
+        id: &UniqueId,
+    ) -> Result<RawComm, BackendError> {
+        if nranks < 1 || rank < 0 || rank >= nranks {
+            return Err(BackendError::InvalidArgument {
+                call: "ncclCommInitRank",
+                reason: format!("rank {rank} of {nranks}"),
+            });
+        }
+        let id = id.to_nccl();
+        self.on_device(device, || {
+            let mut comm: ncclComm_t = std::ptr::null_mut();
+            // SAFETY: valid out-pointer; `rank` is in [0, nranks); the id
+            // is passed by value as NCCL's prototype says.
+            let rc = unsafe { (self.api.comm_init_rank)(&mut comm, nranks, id, rank) };
+            if rc != 0 {
+                return Err(self.api.error("ncclCommInitRank", rc, None));
+            }
+            if comm.is_null() {
+                return Err(BackendError::Nccl {
+                    call: "ncclCommInitRank",
+                    code: 0,
+                    message: "returned success and a null comm".into(),
+                });
+            }
+            Ok(RawComm(comm as usize))
+        })
+    }
+
+    /// `(ncclCommCount, ncclCommUserRank)`: the comm's size and this
+    /// process's rank in it.
+    ///
+    /// # Safety
+    /// `comm` must be a live comm made by this process.
+    pub unsafe fn comm_rank_info(&self, comm: RawComm) -> Result<(i32, i32), BackendError> {
+        if comm.is_null() {
+            return Err(BackendError::NullComm {
+                call: "ncclCommCount",
+            });
+        }
+        let c = comm.0 as ncclComm_t;
+        let query = |f: Option<CommQueryFn>, call: &'static str| {
+            let f = f.ok_or(BackendError::SymbolMissing {
+                lib: "nccl",
+                symbol: call,
+            })?;
+            let mut v: c_int = -1;
+            // SAFETY: the caller guarantees a live comm; valid out-pointer.
+            let rc = unsafe { f(c, &mut v) };
+            if rc != 0 {
+                return Err(self.api.error(call, rc, Some(c)));
+            }
+            Ok(v)
+        };
+        Ok((
+            query(self.api.comm_count, "ncclCommCount")?,
+            query(self.api.comm_user_rank, "ncclCommUserRank")?,
+        ))
+    }
+
+    /// `ncclAllReduce(src, dst, count, ncclFloat32, ncclSum, comm)` on the
+    /// default stream of the comm's device, then waits for it
+    /// (`cuCtxSynchronize`). Collective: every rank of the comm must call
+    /// it. `src == dst` is in place. The caller serializes it with every
+    /// other NCCL call on the comm (the allocator's registration passes
+    /// included).
+    ///
+    /// # Safety
+    /// `comm` must be a live comm of this process; `src` and `dst` must be
+    /// device memory of the comm's device holding at least `count` f32 each.
+    pub unsafe fn all_reduce_sum_f32(
+        &self,
+        comm: RawComm,
+        src: usize,
+        dst: usize,
+        count: usize,
+    ) -> Result<(), BackendError> {
+        if comm.is_null() {
+            return Err(BackendError::NullComm {
+                call: "ncclAllReduce",
+            });
+        }
+        if src == 0 || dst == 0 {
+            return Err(BackendError::InvalidArgument {
+                call: "ncclAllReduce",
+                reason: format!("buffers {src:#x} -> {dst:#x}"),
+            });
+        }
+        let f = self.api.all_reduce.ok_or(BackendError::SymbolMissing {
+            lib: "nccl",
+            symbol: "ncclAllReduce",
+        })?;
+        let c = comm.0 as ncclComm_t;
+        self.on_comm_device(c, || {
+            // SAFETY: the caller guarantees a live comm and `count` f32 in
+            // both buffers on its device (current here); null stream: the
+            // legacy default stream of that context.
+            let rc = unsafe {
+                f(
+                    src as *const c_void,
+                    dst as *mut c_void,
+                    count,
+                    ncclDataType_t::ncclFloat32 as c_int,
+                    ncclRedOp_t::ncclSum as c_int,
+                    c,
+                    std::ptr::null_mut(),
+                )
+            };
+            if rc != 0 {
+                return Err(self.api.error("ncclAllReduce", rc, Some(c)));
+            }
+            guard_driver("cuCtxSynchronize", ctx::synchronize)
+        })
+    }
+
+    /// Copies `data` to device memory at `dst` on `device` (synchronous).
+    ///
+    /// # Safety
+    /// `dst` must be device memory of `device` with room for `data`.
+    pub unsafe fn copy_to_device_f32(
+        &self,
+        device: i32,
+        dst: usize,
+        data: &[f32],
+    ) -> Result<(), BackendError> {
+        self.on_device(device, || {
+            guard_driver("cuMemcpyHtoD", || {
+                // SAFETY: the caller guarantees room for `data` at `dst`.
+                unsafe { cudarc::driver::result::memcpy_htod_sync(dst as u64, data) }
+            })
+        })
+    }
+
+    /// Reads `n` f32 from device memory at `src` on `device` (synchronous).
+    ///
+    /// # Safety
+    /// `src` must be device memory of `device` holding at least `n` f32.
+    pub unsafe fn copy_from_device_f32(
+        &self,
+        device: i32,
+        src: usize,
+        n: usize,
+    ) -> Result<Vec<f32>, BackendError> {
+        let mut out = vec![0f32; n];
+        self.on_device(device, || {
+            guard_driver("cuMemcpyDtoH", || {
+                // SAFETY: the caller guarantees `n` f32 at `src`; `out`
+                // holds `n`.
+                unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut out, src as u64) }
+            })
+        })?;
+        Ok(out)
     }
 }

@@ -1,0 +1,292 @@
+/*
+ * fake_cuda_nccl.c: a stand-in for libcuda and libnccl, for a dry run of
+ * the two-process plumbing on a machine without GPUs (dry-run.sh).
+ *
+ * NOT a simulation of NCCL's rules (the simulated backend in src/sim.rs is
+ * that). It only lets segment-registry-two-ranks and run-two-ranks.sh run
+ * end to end: "device memory" is host memory, ranks are processes that
+ * meet through files in $FAKE_NCCL_DIR (default /tmp), and the collective
+ * calls (ncclCommInitRank, ncclCommWindowRegister, ncclAllReduce) wait for
+ * every rank of the comm, like the real ones. A registration whose size
+ * differs between ranks fails with ncclInvalidUsage where real NCCL would
+ * hang. One file is both libraries: link it as libcuda.so, libnccl.so and
+ * libnccl.so.2 (the dynamic loader maps it once, so they share state).
+ *
+ *   cc -shared -fPIC -O2 -o libfake.so fake_cuda_nccl.c
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define GRANULARITY (2u << 20)
+#define TOTAL_MEM (80ull << 30)
+#define WAIT_SECONDS 60
+#define MAX_ALLOCS 4096
+
+/* ---------------------------------------------------------------- CUDA */
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef void *CUcontext;
+typedef unsigned long long CUdeviceptr;
+
+static char contexts[16];
+static __thread CUcontext current;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static size_t allocated;
+
+static int device_count(void) {
+    const char *v = getenv("CUDA_VISIBLE_DEVICES");
+    if (v && *v) {
+        int n = 1;
+        for (; *v; v++) n += *v == ',';
+        return n;
+    }
+    v = getenv("FAKE_GPUS");
+    return v ? atoi(v) : 2;
+}
+
+CUresult cuInit(unsigned flags) { (void)flags; return 0; }
+CUresult cuDeviceGetCount(int *n) { *n = device_count(); return 0; }
+CUresult cuDeviceGet(CUdevice *d, int ordinal) {
+    if (ordinal < 0 || ordinal >= device_count() || ordinal >= 16) return 101; /* invalid device */
+    *d = ordinal;
+    return 0;
+}
+CUresult cuDevicePrimaryCtxRetain(CUcontext *c, CUdevice d) { *c = &contexts[d]; return 0; }
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) { (void)d; return 0; }
+CUresult cuDeviceGetAttribute(int *v, int attr, CUdevice d) { (void)attr; (void)d; *v = 0; return 0; }
+CUresult cuCtxSetCurrent(CUcontext c) { current = c; return 0; }
+CUresult cuCtxGetCurrent(CUcontext *c) { *c = current; return 0; }
+CUresult cuCtxSynchronize(void) { return 0; }
+CUresult cuMemGetInfo_v2(size_t *free_, size_t *total) {
+    pthread_mutex_lock(&mu);
+    *total = TOTAL_MEM;
+    *free_ = TOTAL_MEM - allocated;
+    pthread_mutex_unlock(&mu);
+    return 0;
+}
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
+    memcpy((void *)(uintptr_t)dst, src, n);
+    return 0;
+}
+CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
+    memcpy(dst, (const void *)(uintptr_t)src, n);
+    return 0;
+}
+CUresult cuGetErrorString(CUresult e, const char **s) { (void)e; *s = "fake CUDA error"; return 0; }
+CUresult cuGetErrorName(CUresult e, const char **s) { (void)e; *s = "CUDA_ERROR_FAKE"; return 0; }
+
+/* ---------------------------------------------------------------- NCCL */
+
+typedef struct { char internal[128]; } ncclUniqueId;
+typedef struct {
+    int nranks, rank, device;
+    char tag[33];      /* hex of the id's random part: names the comm's files */
+    unsigned long seq; /* collective calls so far */
+    int windows;
+} fake_comm;
+typedef struct { fake_comm *comm; void *ptr; size_t size; } fake_window;
+
+enum { ncclSuccess = 0, ncclSystemError = 2, ncclInvalidArgument = 4, ncclInvalidUsage = 5 };
+
+static struct { void *ptr; size_t size; } allocs[MAX_ALLOCS];
+static char last_error[256];
+
+static const char *dir(void) {
+    const char *d = getenv("FAKE_NCCL_DIR");
+    return d && *d ? d : "/tmp";
+}
+
+int ncclGetVersion(int *v) { *v = 22809; return 0; }
+const char *ncclGetErrorString(int rc) {
+    switch (rc) {
+    case 0: return "no error";
+    case ncclSystemError: return "fake: system error (a peer did not come)";
+    case ncclInvalidArgument: return "fake: invalid argument";
+    case ncclInvalidUsage: return "fake: invalid usage (ranks disagree)";
+    default: return "fake: error";
+    }
+}
+const char *ncclGetLastError(void *comm) { (void)comm; return last_error; }
+
+int ncclGetUniqueId(ncclUniqueId *id) {
+    memset(id, 0, sizeof *id);
+    memcpy(id->internal, "FAKE", 4);
+    int fd = open("/dev/urandom", O_RDONLY);
+    if (fd < 0 || read(fd, id->internal + 4, 16) != 16) {
+        if (fd >= 0) close(fd);
+        return ncclSystemError;
+    }
+    close(fd);
+    return 0;
+}
+
+/* Writes `len` bytes to <dir>/<tag>.<seq>.<rank> atomically. */
+static int publish(const fake_comm *c, unsigned long seq, const void *data, size_t len) {
+    char path[512], tmp[600];
+    snprintf(path, sizeof path, "%s/fake-nccl-%s.%lu.%d", dir(), c->tag, seq, c->rank);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) return ncclSystemError;
+    size_t w = fwrite(data, 1, len, f);
+    if (fclose(f) != 0 || w != len || rename(tmp, path) != 0) return ncclSystemError;
+    /* Every rank has read call seq - 2 by now (it published seq - 1 after
+     * reading all of seq - 2, and this rank read all of seq - 1): drop it. */
+    if (seq >= 2) {
+        snprintf(path, sizeof path, "%s/fake-nccl-%s.%lu.%d", dir(), c->tag, seq - 2, c->rank);
+        unlink(path);
+    }
+    return 0;
+}
+
+/* Reads rank r's contribution to call `seq`, waiting for it. */
+static int collect(const fake_comm *c, unsigned long seq, int r, void *data, size_t len) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/fake-nccl-%s.%lu.%d", dir(), c->tag, seq, r);
+    time_t end = time(NULL) + WAIT_SECONDS;
+    for (;;) {
+        FILE *f = fopen(path, "rb");
+        if (f) {
+            size_t got = fread(data, 1, len, f);
+            fclose(f);
+            if (got != len) {
+                snprintf(last_error, sizeof last_error,
+                         "rank %d sent %zu bytes for call %lu, expected %zu", r, got, seq, len);
+                return ncclInvalidUsage;
+            }
+            return 0;
+        }
+        if (time(NULL) > end) {
+            snprintf(last_error, sizeof last_error, "rank %d never made call %lu", r, seq);
+            return ncclSystemError;
+        }
+        usleep(1000);
+    }
+}
+
+int ncclCommInitRank(fake_comm **out, int nranks, ncclUniqueId id, int rank) {
+    if (nranks < 1 || rank < 0 || rank >= nranks || memcmp(id.internal, "FAKE", 4) != 0)
+        return ncclInvalidArgument;
+    fake_comm *c = calloc(1, sizeof *c);
+    if (!c) return ncclSystemError;
+    c->nranks = nranks;
+    c->rank = rank;
+    c->device = current ? (int)((char *)current - contexts) : 0;
+    for (int i = 0; i < 16; i++)
+        sprintf(c->tag + 2 * i, "%02x", (unsigned char)id.internal[4 + i]);
+    int me = nranks, other;
+    int rc = publish(c, c->seq, &me, sizeof me);
+    for (int r = 0; rc == 0 && r < nranks; r++) {
+        rc = collect(c, c->seq, r, &other, sizeof other);
+        if (rc == 0 && other != nranks) rc = ncclInvalidUsage;
+    }
+    c->seq++;
+    if (rc) { free(c); return rc; }
+    *out = c;
+    return 0;
+}
+
+int ncclCommDestroy(fake_comm *c) { free(c); return 0; }
+int ncclCommCount(const fake_comm *c, int *n) { *n = c->nranks; return 0; }
+int ncclCommUserRank(const fake_comm *c, int *r) { *r = c->rank; return 0; }
+int ncclCommCuDevice(const fake_comm *c, int *d) { *d = c->device; return 0; }
+
+int ncclMemAlloc(void **ptr, size_t size) {
+    if (!size) return ncclInvalidArgument;
+    size_t len = (size + GRANULARITY - 1) / GRANULARITY * GRANULARITY;
+    void *p = NULL;
+    if (posix_memalign(&p, GRANULARITY, len) != 0) return ncclSystemError;
+    pthread_mutex_lock(&mu);
+    int slot = -1;
+    for (int i = 0; i < MAX_ALLOCS && slot < 0; i++)
+        if (!allocs[i].ptr) slot = i;
+    if (slot >= 0) {
+        allocs[slot].ptr = p;
+        allocs[slot].size = len;
+        allocated += len;
+    }
+    pthread_mutex_unlock(&mu);
+    if (slot < 0) { free(p); return ncclSystemError; }
+    *ptr = p;
+    return 0;
+}
+
+int ncclMemFree(void *ptr) {
+    pthread_mutex_lock(&mu);
+    int found = 0;
+    for (int i = 0; i < MAX_ALLOCS; i++)
+        if (allocs[i].ptr == ptr) {
+            allocated -= allocs[i].size;
+            allocs[i].ptr = NULL;
+            found = 1;
+            break;
+        }
+    pthread_mutex_unlock(&mu);
+    if (!found) return ncclInvalidArgument;
+    free(ptr);
+    return 0;
+}
+
+/* Collective: every rank registers a buffer of the same size. */
+int ncclCommWindowRegister(fake_comm *c, void *buff, size_t size, fake_window **win, int flags) {
+    (void)flags;
+    if (!c || !win) return ncclInvalidArgument;
+    unsigned long seq = c->seq++;
+    uint64_t mine = size, theirs;
+    int rc = publish(c, seq, &mine, sizeof mine);
+    for (int r = 0; rc == 0 && r < c->nranks; r++) {
+        rc = collect(c, seq, r, &theirs, sizeof theirs);
+        if (rc == 0 && theirs != mine) {
+            snprintf(last_error, sizeof last_error,
+                     "call %lu: rank %d registers %llu bytes, rank %d %llu", seq, c->rank,
+                     (unsigned long long)mine, r, (unsigned long long)theirs);
+            rc = ncclInvalidUsage;
+        }
+    }
+    if (rc) return rc;
+    fake_window *w = malloc(sizeof *w);
+    if (!w) return ncclSystemError;
+    w->comm = c;
+    w->ptr = buff;
+    w->size = size;
+    c->windows++;
+    *win = w;
+    return 0;
+}
+
+int ncclCommWindowDeregister(fake_comm *c, fake_window *w) {
+    if (!c || !w || w->comm != c) return ncclInvalidArgument;
+    c->windows--;
+    free(w);
+    return 0;
+}
+
+/* Collective sum of floats (ncclFloat32 = 7, ncclSum = 0 only). */
+int ncclAllReduce(const void *src, void *dst, size_t count, int dtype, int op, fake_comm *c,
+                  void *stream) {
+    (void)stream;
+    if (dtype != 7 || op != 0 || !c) return ncclInvalidArgument;
+    unsigned long seq = c->seq++;
+    size_t bytes = count * sizeof(float);
+    int rc = publish(c, seq, src, bytes);
+    if (rc) return rc;
+    float *sum = calloc(count, sizeof(float)), *part = malloc(bytes ? bytes : 1);
+    if (!sum || !part) { free(sum); free(part); return ncclSystemError; }
+    for (int r = 0; rc == 0 && r < c->nranks; r++) {
+        rc = collect(c, seq, r, part, bytes);
+        for (size_t i = 0; rc == 0 && i < count; i++) sum[i] += part[i];
+    }
+    if (rc == 0) memcpy(dst, sum, bytes);
+    free(sum);
+    free(part);
+    return rc;
+}
