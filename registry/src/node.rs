@@ -96,6 +96,27 @@ impl<W> Node<W> {
         untag(self.get().next.load(Ordering::Acquire))
     }
 
+    /// Applies `f` to the state word by compare-and-swap until it succeeds
+    /// (`Ok(old)`) or `f` declines (`Err(current)`). Every transition of the
+    /// state word but the plain counters goes through here. SeqCst: the
+    /// overlap argument (DESIGN.md §5) needs these in the single total order.
+    pub(crate) fn update_state(
+        &self,
+        mut f: impl FnMut(State) -> Option<State>,
+    ) -> Result<State, State> {
+        let mut st = self.load_state();
+        loop {
+            let Some(new) = f(st) else { return Err(st) };
+            match self
+                .state
+                .compare_exchange(st.0, new.0, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return Ok(st),
+                Err(s) => st = State(s),
+            }
+        }
+    }
+
     pub(crate) fn end(&self) -> usize {
         self.addr + self.len
     }

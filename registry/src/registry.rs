@@ -507,21 +507,11 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
 
         // Step T4: commit Pending -> Accepted, unless a winner rejected us.
         let verdict = verdict.and_then(|()| {
-            let mut st = me.load_state();
-            loop {
-                if st.phase() != Phase::Pending {
-                    return Err(me.beaten_by());
-                }
-                match me.get().state.compare_exchange(
-                    st.0,
-                    st.with_phase(Phase::Accepted).0,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                ) {
-                    Ok(_) => return Ok(()),
-                    Err(s) => st = State(s),
-                }
-            }
+            me.update_state(|st| {
+                (st.phase() == Phase::Pending).then(|| st.with_phase(Phase::Accepted))
+            })
+            .map(drop)
+            .map_err(|_| me.beaten_by())
         });
         if let Err((other_addr, other_len)) = verdict {
             self.reject(me, me_ref, &guard);
@@ -583,49 +573,36 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
     /// wins; between two pending ones the lower start address wins, and the
     /// winner rejects the loser with one CAS on the loser's state word.
     fn settle_pair(&self, me: &Node<W>, o: &Node<W>) -> Result<(), (usize, usize)> {
-        let mut st = o.load_state();
-        loop {
-            match st.phase() {
-                Phase::Rejected => return Ok(()),
-                Phase::Dead => {
-                    // An untrack overtook this neighbour: order the rest of
-                    // the scan after it (DESIGN.md, "Overlap", three-party
-                    // case).
-                    fence(Ordering::SeqCst);
-                    return Ok(());
-                }
-                Phase::Accepted | Phase::Live => return Err((o.addr, o.len)),
-                Phase::Pending if me.addr < o.addr => {
-                    o.set_beaten_by(me.addr, me.len);
-                    match o.get().state.compare_exchange(
-                        st.0,
-                        st.with_phase(Phase::Rejected).0,
-                        Ordering::SeqCst,
-                        Ordering::SeqCst,
-                    ) {
-                        Ok(_) => return Ok(()),
-                        Err(s) => st = State(s),
-                    }
-                }
-                Phase::Pending => return Err((o.addr, o.len)),
+        let i_win = me.addr < o.addr;
+        if i_win {
+            o.set_beaten_by(me.addr, me.len);
+        }
+        // The only write: a winner rejects a pending loser.
+        let st = match o.update_state(|st| {
+            (i_win && st.phase() == Phase::Pending).then(|| st.with_phase(Phase::Rejected))
+        }) {
+            Ok(_) => return Ok(()),
+            Err(st) => st,
+        };
+        match st.phase() {
+            Phase::Rejected => Ok(()),
+            Phase::Dead => {
+                // An untrack overtook this neighbour: order the rest of the
+                // scan after it (DESIGN.md §5, three-party case).
+                fence(Ordering::SeqCst);
+                Ok(())
             }
+            // Committed, or pending with the lower start: it wins.
+            Phase::Accepted | Phase::Live | Phase::Pending => Err((o.addr, o.len)),
         }
     }
 
     /// Backs a losing track out: Rejected, out of the index, retired.
     fn reject(&self, me: &Node<W>, me_ref: NodeRef, guard: &Guard) {
-        let mut st = me.load_state();
-        while st.phase() == Phase::Pending {
-            match me.get().state.compare_exchange(
-                st.0,
-                st.with_phase(Phase::Rejected).0,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => break,
-                Err(s) => st = State(s),
-            }
-        }
+        // Already Rejected if a winner did it.
+        let _ = me.update_state(|st| {
+            (st.phase() == Phase::Pending).then(|| st.with_phase(Phase::Rejected))
+        });
         if self.index.remove(me.addr, me_ref) {
             self.after_index_removal(me, guard);
         }
@@ -697,20 +674,13 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
 
         // Step U1 (linearization point): Live -> Dead, taking a hold for the
         // caller if a pass holds the segment.
-        let mut st = o.load_state();
-        let held = loop {
-            if st.phase() != Phase::Live {
-                return Err(UntrackError::Unknown { addr });
-            }
-            let held = st.holds() > 0;
-            let new = st.with_phase(Phase::Dead).0 + if held { HOLD_ONE } else { 0 };
-            match o
-                .state
-                .compare_exchange(st.0, new, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => break held,
-                Err(s) => st = State(s),
-            }
+        let killed = o.update_state(|st| {
+            let hold = if st.holds() > 0 { HOLD_ONE } else { 0 };
+            (st.phase() == Phase::Live).then(|| State(st.with_phase(Phase::Dead).0 + hold))
+        });
+        let held = match killed {
+            Ok(old) => old.holds() > 0,
+            Err(_) => return Err(UntrackError::Unknown { addr }),
         };
 
         // Step U2: close the window list and claim what is there.
@@ -1289,36 +1259,15 @@ fn mark_link<W>(o: &Node<W>) -> *mut Node<W> {
 
 /// Accepted -> Live, keeping holds and pins (a pass may have done it).
 fn make_live<W>(o: &Node<W>) {
-    let mut st = o.load_state();
-    while st.phase() == Phase::Accepted {
-        match o.get().state.compare_exchange(
-            st.0,
-            st.with_phase(Phase::Live).0,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        ) {
-            Ok(_) => return,
-            Err(s) => st = State(s),
-        }
-    }
+    let _ =
+        o.update_state(|st| (st.phase() == Phase::Accepted).then(|| st.with_phase(Phase::Live)));
 }
 
 /// Pins a node unless it is unlinked (one CAS: the sweeper's unlink and the
 /// pin cannot both succeed).
 fn try_pin<W>(o: &Node<W>) -> bool {
-    let mut st = o.load_state();
-    loop {
-        if st.has(UNLINKED) {
-            return false;
-        }
-        match o
-            .state
-            .compare_exchange(st.0, st.0 + PIN_ONE, Ordering::SeqCst, Ordering::SeqCst)
-        {
-            Ok(_) => return true,
-            Err(s) => st = State(s),
-        }
-    }
+    o.update_state(|st| (!st.has(UNLINKED)).then(|| State(st.0 + PIN_ONE)))
+        .is_ok()
 }
 
 fn unpin<W>(o: *const Node<W>, counters: &Counters) {
@@ -1335,34 +1284,15 @@ fn unpin<W>(o: *const Node<W>, counters: &Counters) {
 /// Holds a node for a pass: Live (or Accepted, which the pass first helps to
 /// Live) gains a hold; anything else is not in the pass's set.
 fn try_hold<W>(o: &Node<W>) -> bool {
-    let mut st = o.load_state();
-    loop {
-        if !st.is_committed() {
-            return false;
-        }
-        let new = st.with_phase(Phase::Live).0 + HOLD_ONE;
-        match o
-            .state
-            .compare_exchange(st.0, new, Ordering::SeqCst, Ordering::SeqCst)
-        {
-            Ok(_) => return true,
-            Err(s) => st = State(s),
-        }
-    }
+    o.update_state(|st| {
+        st.is_committed()
+            .then(|| State(st.with_phase(Phase::Live).0 + HOLD_ONE))
+    })
+    .is_ok()
 }
 
+/// Claims a node for unlinking: sets `UNLINKED` if it is sweepable.
 fn try_mark_unlinked<W>(o: &Node<W>) -> bool {
-    let mut st = o.load_state();
-    loop {
-        if !st.is_sweepable() {
-            return false;
-        }
-        match o
-            .state
-            .compare_exchange(st.0, st.0 | UNLINKED, Ordering::SeqCst, Ordering::SeqCst)
-        {
-            Ok(_) => return true,
-            Err(s) => st = State(s),
-        }
-    }
+    o.update_state(|st| st.is_sweepable().then_some(State(st.0 | UNLINKED)))
+        .is_ok()
 }
