@@ -1116,3 +1116,88 @@ fn model7_track_races_untrack_of_the_overlapped_segment() {
     Model::new("7u track races untrack of overlapped", 3)
         .check(&RUNS_7U, track_races_untrack_of_overlapped);
 }
+
+// --------------------------------------------------------------------------
+// Model 8: the window lookup racing forget and untrack (issue 9).
+// --------------------------------------------------------------------------
+
+/// A and B are registered with one comm. One thread forgets the comm, one
+/// untracks A, while the main thread looks up the windows of B and A:
+///
+/// * a lookup that begins after forget (or untrack) has handed the window
+///   back never returns it;
+/// * a window it does return is that segment's, at the right offset;
+/// * each window comes back exactly once (forget's or untrack's), and A's
+///   memory is freed exactly once.
+fn lookup_races_hand_back(faults: Faults) {
+    let reg = registry(faults);
+    let ledger = Arc::new(Ledger::default());
+    let comm = reg.attach(0);
+    let a = reg.track(slot_addr(0), STRIDE).unwrap();
+    let b = reg.track(slot_addr(1), STRIDE).unwrap();
+    let report = reg
+        .register_pending(comm, |_, s| {
+            ledger.made((comm, *s));
+            Ok::<_, Fail>(Some((comm, *s)))
+        })
+        .unwrap();
+    assert_eq!(report.registered, vec![a, b]);
+    let (forgotten, untracked) = (flag(), flag());
+    let hf = {
+        let (reg, ledger, forgotten) = (reg.clone(), ledger.clone(), forgotten.clone());
+        thread::spawn(move || {
+            forget(&reg, comm, &ledger).expect("attached");
+            forgotten.store(true, Ordering::Release);
+        })
+    };
+    let hu = {
+        let (reg, ledger, untracked) = (reg.clone(), ledger.clone(), untracked.clone());
+        thread::spawn(move || {
+            untrack(&reg, a.addr, &ledger).expect("A is tracked");
+            untracked.store(true, Ordering::Release);
+        })
+    };
+    let forgot_before = forgotten.load(Ordering::Acquire);
+    if let Ok(w) = reg.window_of(comm, b.addr + 16, 8) {
+        assert!(
+            !forgot_before,
+            "a lookup returned a window already handed back"
+        );
+        assert_eq!((w.window, w.offset, w.segment), ((comm, b), 16, b));
+    }
+    let gone_before = untracked.load(Ordering::Acquire) || forgotten.load(Ordering::Acquire);
+    if let Ok(w) = reg.window_of(comm, a.addr, 8) {
+        assert!(
+            !gone_before,
+            "a lookup returned a window already handed back"
+        );
+        assert_eq!((w.window, w.offset), ((comm, a), 0));
+    }
+    hf.join().unwrap();
+    hu.join().unwrap();
+    ledger.assert_windows_exactly_once();
+    ledger.assert_freed_exactly_once(&BTreeSet::from([a]));
+}
+
+static RUNS_8: AtomicUsize = AtomicUsize::new(0);
+#[test]
+fn model8_window_lookup_races_forget_and_untrack() {
+    Model::new("8 window lookup races forget and untrack", 3)
+        .check(&RUNS_8, || lookup_races_hand_back(Faults::NONE));
+}
+
+static RUNS_8N: AtomicUsize = AtomicUsize::new(0);
+#[test]
+#[should_panic(expected = "a lookup returned a window already handed back")]
+fn model8_negative_unchecked_lookup_returns_a_handed_back_window() {
+    Model::new("8- unchecked lookup", 3).check_fails(
+        &RUNS_8N,
+        "a lookup returned a window already handed back",
+        || {
+            lookup_races_hand_back(Faults {
+                unchecked_lookup: true,
+                ..Faults::NONE
+            })
+        },
+    );
+}

@@ -25,6 +25,10 @@ pub struct Faults {
     /// The sweeper frees unlinked nodes at once instead of deferring them to
     /// the reclaimer: a concurrent reader touches freed memory.
     pub free_without_defer: bool,
+    /// `window_of` reads a record without checking whether its window was
+    /// claimed (handed back by forget, untrack or a pass): it can return a
+    /// window that has already been handed back.
+    pub unchecked_lookup: bool,
 }
 
 #[cfg(feature = "test-support")]
@@ -35,6 +39,7 @@ impl Faults {
         unchecked_window_add: false,
         skip_overlap_fence: false,
         free_without_defer: false,
+        unchecked_lookup: false,
     };
 }
 
@@ -69,6 +74,14 @@ impl Switches {
     pub(crate) fn skip_overlap_fence(&self) -> bool {
         #[cfg(feature = "test-support")]
         return self.0.skip_overlap_fence;
+        #[cfg(not(feature = "test-support"))]
+        false
+    }
+
+    #[inline(always)]
+    pub(crate) fn unchecked_lookup(&self) -> bool {
+        #[cfg(feature = "test-support")]
+        return self.0.unchecked_lookup;
         #[cfg(not(feature = "test-support"))]
         false
     }

@@ -269,23 +269,30 @@ impl<W> Records<W> {
 
     /// What is recorded for `comm`, copying the window (`W: Copy`, so a
     /// claimer moving it out concurrently is harmless).
-    pub(crate) fn lookup(&self, comm: CommId) -> Registration<W>
+    pub(crate) fn lookup(&self, comm: CommId, check_claimed: bool) -> Registration<W>
     where
         W: Copy,
     {
         // Acquire: pairs with the closing swap.
-        if self.head.load(Ordering::Acquire) as usize & CLOSED != 0 {
+        let head = self.head.load(Ordering::Acquire);
+        if head as usize & CLOSED != 0 {
             return Registration::Closed;
         }
         let mut found = Registration::None;
-        self.for_each_open(|r| {
-            if r.comm == comm {
+        let mut cur = head;
+        while !cur.is_null() {
+            // SAFETY: as in `for_each_open`.
+            let r = unsafe { &*cur };
+            // Acquire: a claimed record's window has been handed back. (Not
+            // checking is the `unchecked_lookup` negative control.)
+            if r.comm == comm && !(check_claimed && r.claimed.load(Ordering::Acquire)) {
                 found = match *r.window {
                     Some(w) => Registration::Window(w),
                     None => Registration::NoWindow,
                 };
             }
-        });
+            cur = r.next;
+        }
         found
     }
 

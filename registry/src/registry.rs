@@ -862,7 +862,12 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         let _guard = self.reclaimer.pin();
         let found = self.find_node(ptr).map(|o| {
             let seg = o.segment();
-            (seg, o.get().records.lookup(comm))
+            (
+                seg,
+                o.get()
+                    .records
+                    .lookup(comm, !self.faults.unchecked_lookup()),
+            )
         });
         // Only the error answers read the comm table.
         let not_attached = || !self.comms.read().unwrap().contains_key(&comm);
