@@ -169,50 +169,38 @@ pub trait Backend: Send + Sync {
     fn comm_window_deregister(&self, comm: RawComm, window: Window) -> Result<(), BackendError>;
 }
 
-impl<B: Backend + ?Sized> Backend for Box<B> {
-    fn name(&self) -> &'static str {
-        (**self).name()
-    }
-    fn mem_alloc(&self, size: usize, device: i32) -> Result<usize, BackendError> {
-        (**self).mem_alloc(size, device)
-    }
-    fn mem_free(&self, ptr: usize) -> Result<(), BackendError> {
-        (**self).mem_free(ptr)
-    }
-    fn comm_window_register(
-        &self,
-        comm: RawComm,
-        ptr: usize,
-        size: usize,
-        flags: i32,
-    ) -> Result<Option<Window>, BackendError> {
-        (**self).comm_window_register(comm, ptr, size, flags)
-    }
-    fn comm_window_deregister(&self, comm: RawComm, window: Window) -> Result<(), BackendError> {
-        (**self).comm_window_deregister(comm, window)
-    }
+/// `Backend` for smart pointers to a backend: every call forwards.
+macro_rules! forward_backend {
+    ($($ptr:ident)::+) => {
+        impl<B: Backend + ?Sized> Backend for $($ptr)::+<B> {
+            fn name(&self) -> &'static str {
+                (**self).name()
+            }
+            fn mem_alloc(&self, size: usize, device: i32) -> Result<usize, BackendError> {
+                (**self).mem_alloc(size, device)
+            }
+            fn mem_free(&self, ptr: usize) -> Result<(), BackendError> {
+                (**self).mem_free(ptr)
+            }
+            fn comm_window_register(
+                &self,
+                comm: RawComm,
+                ptr: usize,
+                size: usize,
+                flags: i32,
+            ) -> Result<Option<Window>, BackendError> {
+                (**self).comm_window_register(comm, ptr, size, flags)
+            }
+            fn comm_window_deregister(
+                &self,
+                comm: RawComm,
+                window: Window,
+            ) -> Result<(), BackendError> {
+                (**self).comm_window_deregister(comm, window)
+            }
+        }
+    };
 }
 
-impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
-    fn name(&self) -> &'static str {
-        (**self).name()
-    }
-    fn mem_alloc(&self, size: usize, device: i32) -> Result<usize, BackendError> {
-        (**self).mem_alloc(size, device)
-    }
-    fn mem_free(&self, ptr: usize) -> Result<(), BackendError> {
-        (**self).mem_free(ptr)
-    }
-    fn comm_window_register(
-        &self,
-        comm: RawComm,
-        ptr: usize,
-        size: usize,
-        flags: i32,
-    ) -> Result<Option<Window>, BackendError> {
-        (**self).comm_window_register(comm, ptr, size, flags)
-    }
-    fn comm_window_deregister(&self, comm: RawComm, window: Window) -> Result<(), BackendError> {
-        (**self).comm_window_deregister(comm, window)
-    }
-}
+forward_backend!(Box);
+forward_backend!(std::sync::Arc);
