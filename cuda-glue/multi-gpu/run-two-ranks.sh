@@ -28,7 +28,7 @@ bin=${SEGREG_BIN_DIR:-$glue/device-bin}
 exe=$bin/segment-registry-two-ranks
 lib=$bin/libsegment_registry_nccl.so
 only=all
-cycles=20
+cycles=40
 timeout_s=90
 control_timeout=30
 while [ $# -gt 0 ]; do
