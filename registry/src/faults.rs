@@ -29,6 +29,10 @@ pub struct Faults {
     /// claimed (handed back by forget, untrack or a pass): it can return a
     /// window that has already been handed back.
     pub unchecked_lookup: bool,
+    /// `track` publishes the segment in the page map only after making it
+    /// live: a lookup in between finds the granule empty and misses a
+    /// segment that a pass may already have registered.
+    pub late_page_publish: bool,
 }
 
 #[cfg(feature = "test-support")]
@@ -40,6 +44,7 @@ impl Faults {
         skip_overlap_fence: false,
         free_without_defer: false,
         unchecked_lookup: false,
+        late_page_publish: false,
     };
 }
 
@@ -82,6 +87,14 @@ impl Switches {
     pub(crate) fn unchecked_lookup(&self) -> bool {
         #[cfg(feature = "test-support")]
         return self.0.unchecked_lookup;
+        #[cfg(not(feature = "test-support"))]
+        false
+    }
+
+    #[inline(always)]
+    pub(crate) fn late_page_publish(&self) -> bool {
+        #[cfg(feature = "test-support")]
+        return self.0.late_page_publish;
         #[cfg(not(feature = "test-support"))]
         false
     }

@@ -46,6 +46,7 @@ mod error;
 mod faults;
 mod index;
 mod node;
+mod pagemap;
 mod registry;
 mod state;
 mod sync;
@@ -54,6 +55,7 @@ pub use error::{CommError, PassError, TrackError, UntrackError, WindowLookupErro
 #[cfg(feature = "test-support")]
 pub use faults::Faults;
 pub use index::{AddressIndex, NodeRef, SkipIndex};
+pub use pagemap::DEFAULT_PAGE_GRANULE;
 pub use registry::{
     CommStats, Forgotten, HandBack, Hold, NodeCounts, PassFailure, PassReport, PassResult,
     Registry, Stats, Untracked, WindowRef, SWEEP_SLACK,

@@ -12,6 +12,7 @@ use crate::error::{CommError, PassError, TrackError, UntrackError, WindowLookupE
 use crate::faults::Switches;
 use crate::index::{AddressIndex, NodeRef, SkipIndex};
 use crate::node::{untag, Node, Registration, MARK};
+use crate::pagemap::{PageMap, Probe, DEFAULT_PAGE_GRANULE};
 use crate::state::{Phase, State, HOLD_ONE, IN_INDEX, PIN_ONE, UNLINKED};
 use crate::sync::{fence, Arc, AtomicPtr, AtomicU64, Guard, Ordering, Reclaimer, RwLock};
 use crate::{CommId, Segment};
@@ -133,6 +134,8 @@ impl<C, W> CommSlot<C, W> {
 /// ```
 pub struct Registry<C, W, I: AddressIndex = SkipIndex> {
     index: I,
+    /// Containing-address lookups in O(1) (DESIGN.md §7a).
+    pages: PageMap,
     /// The log's sentinel head (seq 0, live forever, never in the index).
     head: *mut Node<W>,
     /// The log's tail hint: the last node or the one before it.
@@ -416,10 +419,56 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         self
     }
 
+    /// Sets the granule of the page map that answers containing-address
+    /// lookups ([`find`](Self::find), [`window_of`](Self::window_of)) in
+    /// O(1): [`DEFAULT_PAGE_GRANULE`] (2 MiB, `ncclMemAlloc`'s granularity)
+    /// unless set. Rounded up to a power of two; `0` turns the map off, and
+    /// every lookup then searches the skiplist.
+    ///
+    /// Lookups in a granule that one segment has to itself are one radix
+    /// walk; a granule shared by several segments (segments not aligned to
+    /// the granule) falls back to the skiplist. Each track and untrack
+    /// writes one slot per granule its segment overlaps, and the map takes
+    /// 4 KiB per 512 granules that ever held a segment.
+    ///
+    /// ```
+    /// # #[cfg(not(feature = "loom"))] {
+    /// use segment_registry::Registry;
+    ///
+    /// // Segments of a 64 KiB-granule allocator.
+    /// let reg: Registry<(), u64> = Registry::new().with_page_granule(64 << 10);
+    /// let seg = reg.track(0x7f00_0001_0000, 0x3_0000).unwrap();
+    /// assert_eq!(reg.find(0x7f00_0002_1234), Some(seg));
+    /// # }
+    /// ```
+    pub fn with_page_granule(mut self, granule: usize) -> Self {
+        self.pages = PageMap::new(granule);
+        // Publish what is tracked already (we own the registry: no race).
+        let _guard = self.reclaimer.pin();
+        let pages = &self.pages;
+        self.index.for_each(&mut |_, oref| {
+            let p = oref.as_ptr::<Node<W>>();
+            // SAFETY: protected by the guard.
+            let o = unsafe { &*p };
+            if o.load_state().is_committed() {
+                pages.publish(o.addr, o.end(), p as usize, |_| false);
+            }
+            true
+        });
+        self
+    }
+
+    /// The page map's granule in bytes (0: off); see
+    /// [`with_page_granule`](Self::with_page_granule).
+    pub fn page_granule(&self) -> usize {
+        self.pages.granule()
+    }
+
     fn build(faults: Switches) -> Self {
         let head = Box::into_raw(Box::new(Node::new(0, 0, State::sentinel())));
         Registry {
             index: I::new(),
+            pages: PageMap::new(DEFAULT_PAGE_GRANULE),
             head,
             tail: AtomicPtr::new(head),
             comms: RwLock::new(BTreeMap::new()),
@@ -523,6 +572,13 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             });
         }
 
+        // Step T4a: publish in the page map, before anyone (a pass, once
+        // the node is in the log) can make it live.
+        let late = self.faults.late_page_publish();
+        if !late {
+            self.publish_pages(me);
+        }
+
         self.counters
             .live_segments
             .fetch_add(1, StatOrdering::Relaxed);
@@ -535,7 +591,24 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
 
         // Step T6: Accepted -> Live (a pass may already have helped).
         make_live(me);
+        if late {
+            self.publish_pages(me);
+        }
         Ok(me.segment())
+    }
+
+    /// Step T4a: publishes a committed node in the page map; a dead node
+    /// still published in a slot it had to itself is replaced. The caller
+    /// is pinned.
+    fn publish_pages(&self, me: &Node<W>) {
+        self.pages
+            .publish(me.addr, me.end(), me as *const Node<W> as usize, |p| {
+                // SAFETY: a node read from a slot is not retired yet: it
+                // withdraws (U1a) before it leaves the index, and a pinned
+                // thread read it (DESIGN.md §7a).
+                let o = unsafe { &*(p as *const Node<W>) };
+                o.load_state().phase() == Phase::Dead
+            });
     }
 
     /// Walks every index entry that may overlap `me` and settles each pair.
@@ -682,6 +755,11 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             Ok(old) => old.holds() > 0,
             Err(_) => return Err(UntrackError::Unknown { addr }),
         };
+
+        // Step U1a: out of the page map, while still in the index (so that
+        // no slot ever names a retired node).
+        self.pages
+            .withdraw(o.addr, o.end(), o as *const Node<W> as usize);
 
         // Step U2: close the window list and claim what is there.
         let mut windows = Vec::new();
@@ -893,8 +971,27 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         }
     }
 
-    /// The live node containing `addr`; the caller holds a guard.
+    /// The live node containing `addr`: from the page map when its granule
+    /// says, else from the index. The caller holds a guard.
     fn find_node(&self, addr: usize) -> Option<&Node<W>> {
+        match self.pages.probe(addr) {
+            Probe::Empty => None,
+            Probe::One(p) => {
+                // SAFETY: a node read from a slot by a pinned thread is not
+                // freed before the guard drops (DESIGN.md §7a).
+                let o = unsafe { &*(p as *const Node<W>) };
+                // Only live segments count; a dead or not yet live one
+                // means no segment contains `addr` now (DESIGN.md §7a).
+                (o.addr <= addr && addr < o.end() && o.load_state().phase() == Phase::Live)
+                    .then_some(o)
+            }
+            Probe::Ask => self.find_in_index(addr),
+        }
+    }
+
+    /// The live node containing `addr`, searched in the index. The caller
+    /// holds a guard.
+    fn find_in_index(&self, addr: usize) -> Option<&Node<W>> {
         let mut key = addr;
         loop {
             let (k, oref) = self.index.at_or_below(key)?;

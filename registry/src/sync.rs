@@ -10,13 +10,13 @@
 
 #[cfg(not(feature = "loom"))]
 pub(crate) use std::sync::{
-    atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, Ordering},
+    atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering},
     Arc, RwLock,
 };
 
 #[cfg(feature = "loom")]
 pub(crate) use loom::sync::{
-    atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, Ordering},
+    atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering},
     Arc, RwLock,
 };
 

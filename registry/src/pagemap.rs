@@ -1,0 +1,322 @@
+//! The page map: containing-address lookups in O(1) (DESIGN.md §7a).
+//!
+//! A radix table keyed by the allocation granule (2 MiB by default, the
+//! granule of `ncclMemAlloc`), as allocators keep one (jemalloc's rtree,
+//! tcmalloc's PageMap). Each granule's slot says which committed segments
+//! overlap that granule:
+//!
+//! | slot value | meaning |
+//! | --- | --- |
+//! | `0` | no committed segment overlaps the granule |
+//! | a node pointer | that node's segment is the only one (or that node is dead and a newer one may replace it) |
+//! | `(k << 1) \| 1` | k ≥ 1 segments overlap it (unaligned segments sharing a granule): ask the skiplist |
+//!
+//! A segment publishes itself in every granule it overlaps after its track
+//! commits and before it can become live, and withdraws after its untrack
+//! made it dead and before it leaves the index (so a pointer read from a
+//! slot by a pinned thread is never freed under it). The skiplist stays the
+//! authority on order and overlap; the map only answers "which segment
+//! contains this address".
+//!
+//! Tables are allocated on first use and freed with the map: 4 KiB per
+//! 512 granules (1 GiB of address space at 2 MiB) that ever held a segment.
+
+use crate::sync::{AtomicUsize, Ordering};
+
+/// Bits of the granule number each level resolves.
+#[cfg(not(feature = "loom"))]
+const LEVEL_BITS: u32 = 9;
+/// Levels of the table: 3 × 9 bits of granule number, i.e. addresses below
+/// 2^48 at the default granule. Higher addresses go to the skiplist.
+#[cfg(not(feature = "loom"))]
+const LEVELS: u32 = 3;
+// Under loom: two levels of four slots (16 granules), so that a model
+// creates few atomics and still exercises table creation.
+#[cfg(feature = "loom")]
+const LEVEL_BITS: u32 = 2;
+#[cfg(feature = "loom")]
+const LEVELS: u32 = 2;
+
+const FANOUT: usize = 1 << LEVEL_BITS;
+
+/// The default granule: 2 MiB, `ncclMemAlloc`'s allocation granularity.
+pub const DEFAULT_PAGE_GRANULE: usize = 2 << 20;
+
+/// One level of the radix table: child tables (inner levels) or slots
+/// (the last level), as `usize`s.
+struct Table {
+    entries: [AtomicUsize; FANOUT],
+}
+
+impl Table {
+    fn new_boxed() -> *mut Table {
+        Box::into_raw(Box::new(Table {
+            entries: std::array::from_fn(|_| AtomicUsize::new(0)),
+        }))
+    }
+}
+
+/// What a granule's slot says about an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Probe {
+    /// No committed segment overlaps the granule.
+    Empty,
+    /// Only this node's segment overlaps it (the node may be dead).
+    One(usize),
+    /// Several segments share the granule, or the address is beyond the
+    /// map (or the map is off): ask the index.
+    Ask,
+}
+
+/// A slot's count form.
+#[inline]
+fn count(k: usize) -> usize {
+    (k << 1) | 1
+}
+
+#[inline]
+fn is_count(v: usize) -> bool {
+    v & 1 == 1
+}
+
+/// The radix table. See the module documentation.
+pub(crate) struct PageMap {
+    /// log2 of the granule; `None` when the map is off (every lookup asks
+    /// the index).
+    shift: Option<u32>,
+    root: *mut Table,
+}
+
+// SAFETY: the raw root pointer is owned by the map and every table is only
+// reached through atomics; tables are freed only by `Drop` (`&mut self`).
+unsafe impl Send for PageMap {}
+// SAFETY: as above.
+unsafe impl Sync for PageMap {}
+
+impl PageMap {
+    /// A map of granule `granule` bytes rounded up to a power of two; `0`
+    /// turns the map off.
+    pub(crate) fn new(granule: usize) -> Self {
+        let shift = (granule != 0).then(|| {
+            granule
+                .checked_next_power_of_two()
+                .map_or(usize::BITS - 1, usize::trailing_zeros)
+        });
+        PageMap {
+            shift,
+            root: Table::new_boxed(),
+        }
+    }
+
+    /// The granule in bytes, or 0 when the map is off.
+    pub(crate) fn granule(&self) -> usize {
+        self.shift.map_or(0, |s| 1 << s)
+    }
+
+    /// The granule numbers `[first, last]` the map covers of `[addr, end)`
+    /// (`end > addr`), or `None` if it covers none of them.
+    fn granules(&self, addr: usize, end: usize) -> Option<(usize, usize)> {
+        let shift = self.shift?;
+        let limit = 1usize << (LEVEL_BITS * LEVELS);
+        let first = addr >> shift;
+        let last = ((end - 1) >> shift).min(limit - 1);
+        (first < limit).then_some((first, last))
+    }
+
+    /// The slot of granule `g`, creating the tables on the way if `create`.
+    fn slot(&self, g: usize, create: bool) -> Option<&AtomicUsize> {
+        let mut table = self.root;
+        for level in (1..LEVELS).rev() {
+            let i = (g >> (level * LEVEL_BITS)) & (FANOUT - 1);
+            // SAFETY: `table` is the root or a child published below; tables
+            // live as long as the map.
+            let entry = unsafe { &(*table).entries[i] };
+            // Acquire: see the child table's initialised slots.
+            let mut child = entry.load(Ordering::Acquire) as *mut Table;
+            if child.is_null() {
+                if !create {
+                    return None;
+                }
+                let fresh = Table::new_boxed();
+                // Release: publish the fresh table's slots. Acquire on
+                // failure: see the winner's.
+                match entry.compare_exchange(
+                    0,
+                    fresh as usize,
+                    Ordering::Release,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => child = fresh,
+                    Err(won) => {
+                        // SAFETY: `fresh` was never shared.
+                        drop(unsafe { Box::from_raw(fresh) });
+                        child = won as *mut Table;
+                    }
+                }
+            }
+            table = child;
+        }
+        // SAFETY: as above.
+        Some(unsafe { &(*table).entries[g & (FANOUT - 1)] })
+    }
+
+    /// What granule of `addr` says.
+    #[inline]
+    pub(crate) fn probe(&self, addr: usize) -> Probe {
+        let Some(shift) = self.shift else {
+            return Probe::Ask;
+        };
+        let g = addr >> shift;
+        if g >> (LEVEL_BITS * LEVELS) != 0 {
+            return Probe::Ask;
+        }
+        let Some(slot) = self.slot(g, false) else {
+            return Probe::Empty;
+        };
+        // SeqCst: the lookup argument (DESIGN.md §7a) orders this read in
+        // one total order with the publishers' and withdrawers' CASes and
+        // the nodes' state changes.
+        match slot.load(Ordering::SeqCst) {
+            0 => Probe::Empty,
+            v if is_count(v) => Probe::Ask,
+            p => Probe::One(p),
+        }
+    }
+
+    /// Publishes `node` (covering `[addr, end)`) in every granule it
+    /// overlaps. `stale(p)` says whether the node at `p` is dead, so that a
+    /// sole pointer to it may be replaced. The caller is pinned.
+    pub(crate) fn publish(
+        &self,
+        addr: usize,
+        end: usize,
+        node: usize,
+        stale: impl Fn(usize) -> bool,
+    ) {
+        debug_assert!(node != 0 && !is_count(node));
+        let Some((first, last)) = self.granules(addr, end) else {
+            return;
+        };
+        for g in first..=last {
+            let slot = self.slot(g, true).expect("created");
+            // SeqCst: see `probe`.
+            let mut cur = slot.load(Ordering::SeqCst);
+            loop {
+                let new = match cur {
+                    0 => node,
+                    v if is_count(v) => count((v >> 1) + 1),
+                    p if stale(p) => node,
+                    _ => count(2),
+                };
+                // SeqCst: see `probe`; on failure we retry with the value.
+                match slot.compare_exchange_weak(cur, new, Ordering::SeqCst, Ordering::SeqCst) {
+                    Ok(_) => break,
+                    Err(v) => cur = v,
+                }
+            }
+        }
+    }
+
+    /// Withdraws `node` (covering `[addr, end)`) from every granule it
+    /// overlaps: a sole pointer to it becomes empty, a count drops by one;
+    /// a slot that holds another node's pointer means that node replaced
+    /// this one (dead) already.
+    pub(crate) fn withdraw(&self, addr: usize, end: usize, node: usize) {
+        let Some((first, last)) = self.granules(addr, end) else {
+            return;
+        };
+        for g in first..=last {
+            let Some(slot) = self.slot(g, false) else {
+                debug_assert!(false, "withdraw from a granule never published");
+                continue;
+            };
+            // SeqCst: see `probe`.
+            let mut cur = slot.load(Ordering::SeqCst);
+            loop {
+                let new = match cur {
+                    v if v == node => 0,
+                    v if is_count(v) && v >> 1 == 1 => 0,
+                    v if is_count(v) => count((v >> 1) - 1),
+                    _ => break, // replaced by a newer segment
+                };
+                // SeqCst: see `probe`; on failure we retry with the value.
+                match slot.compare_exchange_weak(cur, new, Ordering::SeqCst, Ordering::SeqCst) {
+                    Ok(_) => break,
+                    Err(v) => cur = v,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PageMap {
+    fn drop(&mut self) {
+        fn free(t: *mut Table, level: u32) {
+            if level > 0 {
+                // SAFETY: `&mut` access to the map: no other thread.
+                for e in unsafe { &(*t).entries } {
+                    // Relaxed: no other thread (we hold `&mut`).
+                    let child = e.load(Ordering::Relaxed) as *mut Table;
+                    if !child.is_null() {
+                        free(child, level - 1);
+                    }
+                }
+            }
+            // SAFETY: made by `Box::into_raw`, freed once, here.
+            drop(unsafe { Box::from_raw(t) });
+        }
+        free(self.root, LEVELS - 1);
+    }
+}
+
+#[cfg(all(test, not(feature = "loom")))]
+mod tests {
+    use super::*;
+
+    const G: usize = DEFAULT_PAGE_GRANULE;
+
+    #[test]
+    fn sole_count_replace_and_withdraw() {
+        let m = PageMap::new(G);
+        assert_eq!(m.probe(5 * G), Probe::Empty);
+        // A segment of three granules.
+        m.publish(4 * G, 7 * G, 0x1000, |_| false);
+        for g in 4..7 {
+            assert_eq!(m.probe(g * G + 17), Probe::One(0x1000));
+        }
+        assert_eq!(m.probe(7 * G), Probe::Empty);
+        // A second segment sharing granule 6 (unaligned): a count.
+        m.publish(6 * G + 64, 8 * G, 0x2000, |_| false);
+        assert_eq!(m.probe(6 * G), Probe::Ask);
+        assert_eq!(m.probe(7 * G), Probe::One(0x2000));
+        m.withdraw(4 * G, 7 * G, 0x1000);
+        assert_eq!(m.probe(4 * G), Probe::Empty);
+        assert_eq!(m.probe(6 * G), Probe::Ask, "count 1: identity unknown");
+        m.withdraw(6 * G + 64, 8 * G, 0x2000);
+        assert_eq!(m.probe(6 * G), Probe::Empty);
+        assert_eq!(m.probe(7 * G), Probe::Empty);
+        // A dead sole node is replaced; its late withdraw leaves the new one.
+        m.publish(G, 2 * G, 0x3000, |_| false);
+        m.publish(G, 2 * G, 0x4000, |p| p == 0x3000);
+        assert_eq!(m.probe(G), Probe::One(0x4000));
+        m.withdraw(G, 2 * G, 0x3000);
+        assert_eq!(m.probe(G), Probe::One(0x4000));
+    }
+
+    #[test]
+    fn beyond_the_map_and_off() {
+        let m = PageMap::new(G);
+        let top = G << (LEVEL_BITS * LEVELS);
+        m.publish(top, top + G, 0x1000, |_| false);
+        assert_eq!(m.probe(top), Probe::Ask);
+        // A segment straddling the limit is published below it only.
+        m.publish(top - G, top + G, 0x2000, |_| false);
+        assert_eq!(m.probe(top - 1), Probe::One(0x2000));
+        assert_eq!(m.probe(usize::MAX), Probe::Ask);
+        let off = PageMap::new(0);
+        off.publish(0, G, 0x1000, |_| false);
+        assert_eq!(off.probe(0), Probe::Ask);
+        assert_eq!(off.granule(), 0);
+        assert_eq!(PageMap::new(3 << 20).granule(), 4 << 20, "rounded up");
+    }
+}
