@@ -1211,8 +1211,9 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             error: PassError::Comm(e),
             report: PassReport::new(comm),
         };
-        let slot = self
-            .slot(comm)
+        let comms = self.comms.read().unwrap();
+        let slot = comms
+            .get(&comm)
             .ok_or_else(|| fail(CommError::NotAttached(comm)))?;
         // Acquire: see the cursor the previous pass left.
         if let Err(s) = slot
@@ -1225,6 +1226,24 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
                 CommError::Busy(comm)
             }));
         }
+        // Step P0: nothing pending and nothing parked, decided in O(1) with
+        // no epoch pin. The read lock keeps `forget` from removing the slot
+        // (so FORGOTTEN cannot be set while we are BUSY here).
+        // Acquire: pairs with the Release store made after parking.
+        if !slot.has_orphans.load(std::sync::atomic::Ordering::Acquire) {
+            // Acquire: see the cursor node the last pass published.
+            let cursor = slot.cursor.load(Ordering::Acquire);
+            // SAFETY: the cursor node is pinned by this comm, so never
+            // unlinked or freed, and only the BUSY owner (us) moves it.
+            if unsafe { &*cursor }.next_node().is_null() {
+                // Release: hand the (unchanged) slot to the next pass.
+                slot.state.fetch_and(!BUSY, Ordering::Release);
+                return Ok(PassReport::new(comm));
+            }
+        }
+        // Callbacks may attach or forget comms: no lock across them.
+        let slot = slot.clone();
+        drop(comms);
         PassRun::start(self, &slot).run(register)
     }
 

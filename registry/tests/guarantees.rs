@@ -690,3 +690,160 @@ fn bounded_memory_nodes_held_by_a_pass_are_swept_after_it_lets_go() {
     let n = reg.stats().nodes;
     assert!(n.dead_in_log <= 3, "{n:?}");
 }
+
+/// A small deterministic generator (xorshift), so that failures replay.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+#[test]
+fn lookup_page_map_agrees_with_the_skiplist_and_a_reference_on_every_layout() {
+    // Granule-aligned segments (sole slots), unaligned ones sharing granules
+    // (counted slots), address reuse (a dead node's slot replaced) and
+    // segments beyond the map's reach (2^48 and up), in random churn.
+    let with_map = Reg::new();
+    let without = Reg::new().with_page_granule(0);
+    assert_eq!(with_map.page_granule(), MB2);
+    assert_eq!(without.page_granule(), 0);
+    let mut reference = std::collections::BTreeMap::<usize, usize>::new();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let bases = [
+        0x7f00_0000_0000usize,
+        0x1_0000_0000_0000 - 8 * MB2,
+        0xffff_0000_0000_0000,
+    ];
+    let pick_addr = |rng: &mut Rng| {
+        let base = bases[rng.below(bases.len())];
+        match rng.below(3) {
+            0 => base + rng.below(16) * MB2,               // aligned
+            1 => base + rng.below(16 * 8) * (MB2 / 8),     // unaligned
+            _ => base + rng.below(16 * MB2 / 4096) * 4096, // small pages
+        }
+    };
+    for step in 0..20_000 {
+        let addr = pick_addr(&mut rng);
+        if step % 3 == 2 {
+            // Untrack what contains `addr`, if anything.
+            if let Some(s) = with_map.find(addr) {
+                drop(with_map.untrack(s.addr).unwrap());
+                drop(without.untrack(s.addr).unwrap());
+                reference.remove(&s.addr);
+            }
+        } else {
+            let len = [4096, MB2 / 8, MB2, 3 * MB2][rng.below(4)];
+            let a = with_map.track(addr, len).map(|s| (s.addr, s.len));
+            let b = without.track(addr, len).map(|s| (s.addr, s.len));
+            assert_eq!(a.is_ok(), b.is_ok(), "track {addr:#x}+{len:#x}");
+            if a.is_ok() {
+                reference.insert(addr, len);
+            }
+        }
+        for _ in 0..4 {
+            let probe = pick_addr(&mut rng) + rng.below(MB2);
+            let want = reference
+                .range(..=probe)
+                .next_back()
+                .filter(|(&a, &l)| probe < a + l)
+                .map(|(&a, &l)| (a, l));
+            let got = with_map.find(probe).map(|s| (s.addr, s.len));
+            assert_eq!(got, want, "page map, step {step}, probe {probe:#x}");
+            let got = without.find(probe).map(|s| (s.addr, s.len));
+            assert_eq!(got, want, "skiplist, step {step}, probe {probe:#x}");
+        }
+    }
+    assert!(!reference.is_empty());
+}
+
+#[test]
+fn lookup_page_map_granule_is_set_before_or_after_tracking() {
+    let reg = Reg::new();
+    let a = reg.track(0x7f00_0001_0000, 0x3_0000).unwrap();
+    // Changing the granule republishes what is tracked.
+    let reg = reg.with_page_granule(64 << 10);
+    assert_eq!(reg.page_granule(), 64 << 10);
+    assert_eq!(reg.find(0x7f00_0003_ffff), Some(a));
+    assert_eq!(reg.find(0x7f00_0004_0000), None);
+    let reg = reg.with_page_granule(3 << 20);
+    assert_eq!(reg.page_granule(), 4 << 20, "rounded up to a power of two");
+    assert_eq!(reg.find(0x7f00_0001_0000), Some(a));
+}
+
+#[test]
+fn lookup_concurrent_readers_always_find_a_stable_segment_and_never_a_stranger() {
+    // Each churner owns 8 granules: granule 0 holds a segment that stays
+    // tracked throughout; the others are untracked and re-tracked at the
+    // same addresses with varying lengths (so slots are withdrawn, replaced
+    // and shared). Readers must always find the stable segments, and any
+    // segment they find must contain the probed address.
+    const CHURNERS: usize = 2;
+    const READERS: usize = 2;
+    let reg = Arc::new(Reg::new());
+    let base = |t: usize| 0x7f00_0000_0000 + t * 8 * MB2;
+    let stable: Vec<Segment> = (0..CHURNERS)
+        .map(|t| reg.track(base(t), MB2).unwrap())
+        .collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut churners = Vec::new();
+    for t in 0..CHURNERS {
+        let reg = reg.clone();
+        churners.push(thread::spawn(move || {
+            let mut rng = Rng(17 + t as u64);
+            for _ in 0..20_000 {
+                let g = 1 + rng.below(6);
+                let addr = base(t) + g * MB2 + [0, MB2 / 2][rng.below(2)];
+                let len = [MB2 / 4, MB2, 2 * MB2][rng.below(3)];
+                if let Ok(s) = reg.track(addr, len) {
+                    if rng.below(2) == 0 {
+                        drop(reg.untrack(s.addr).unwrap());
+                    }
+                }
+                if let Some(s) = reg.find(base(t) + g * MB2 + MB2 / 2) {
+                    if rng.below(2) == 0 && s.addr != base(t) {
+                        let _ = reg.untrack(s.addr);
+                    }
+                }
+            }
+        }));
+    }
+    let mut readers = Vec::new();
+    for r in 0..READERS {
+        let (reg, stop, stable) = (reg.clone(), stop.clone(), stable.clone());
+        readers.push(thread::spawn(move || {
+            let mut rng = Rng(99 + r as u64);
+            let mut found = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = rng.below(CHURNERS);
+                let probe = base(t) + rng.below(8 * MB2);
+                match reg.find(probe) {
+                    Some(s) => {
+                        assert!(s.contains(probe), "{s:?} does not contain {probe:#x}");
+                        found += 1;
+                    }
+                    None => assert!(
+                        !stable[t].contains(probe),
+                        "the stable segment {:?} was not found",
+                        stable[t]
+                    ),
+                }
+            }
+            found
+        }));
+    }
+    for c in churners {
+        c.join().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+    for s in &stable {
+        assert_eq!(reg.find(s.addr + 5), Some(*s));
+    }
+}
