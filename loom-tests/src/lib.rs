@@ -31,8 +31,9 @@ use segment_registry::{AddressIndex, NodeRef};
 
 /// Number of slots, hence of distinct start addresses, in a [`ModelIndex`].
 pub const SLOTS: usize = 4;
-/// The key of slot 0.
-pub const BASE: usize = 0x100_0000;
+/// The key of slot 0. Small, so that with a page granule of [`STRIDE`] the
+/// grid lies inside the registry's loom-sized page map (16 granules).
+pub const BASE: usize = 0x4000;
 /// The distance between the keys of two neighbouring slots.
 pub const STRIDE: usize = 0x1000;
 

@@ -45,12 +45,16 @@ fn registry(faults: Faults) -> Arc<Reg> {
     Arc::new(new_registry(faults))
 }
 
+/// Every model runs with a page granule of one grid stride, so that its
+/// lookups take the page map's one-segment path (model 9 also runs a
+/// granule shared by several segments).
 fn new_registry(faults: Faults) -> Reg {
     if faults == Faults::NONE {
         Reg::with_index()
     } else {
         Reg::with_faults(faults)
     }
+    .with_page_granule(STRIDE)
 }
 
 /// A registry whose untracks sweep as soon as the dead nodes outnumber half
@@ -1199,5 +1203,108 @@ fn model8_negative_unchecked_lookup_returns_a_handed_back_window() {
                 ..Faults::NONE
             })
         },
+    );
+}
+
+// --------------------------------------------------------------------------
+// Model 9: page-map lookups racing a track that reuses an untracked address.
+// --------------------------------------------------------------------------
+
+/// W (grid slot 0) and V (slot 1) are tracked and registered. One thread
+/// untracks W while another tracks X at W's address (address reuse: X may
+/// replace W's slot in the page map); the main thread runs a pass, then
+/// looks the address up. With `granule` one stride, W and X each have
+/// their granule to themselves; with four strides, W, X and V share one
+/// granule (counted slots, answered by the skiplist).
+///
+/// * a segment that a finished pass registered, and that nobody untracks,
+///   is found, with its window;
+/// * a lookup that begins after W's untrack returned never finds W;
+/// * a lookup that begins after X's track returned finds X;
+/// * a lookup finds only W, X or nothing at that address.
+fn page_map_races_address_reuse(faults: Faults, granule: usize) {
+    let reg = Arc::new(new_registry(faults).with_page_granule(granule));
+    let ledger = Arc::new(Ledger::default());
+    let comm = reg.attach(0);
+    let w = reg.track(slot_addr(0), STRIDE).unwrap();
+    let v = reg.track(slot_addr(1), STRIDE).unwrap();
+    assert_eq!(pass_ok(&reg, comm, &ledger).registered, vec![w, v]);
+    let (w_gone, x_tracked) = (flag(), flag());
+    let hw = {
+        let (reg, ledger, w_gone) = (reg.clone(), ledger.clone(), w_gone.clone());
+        thread::spawn(move || {
+            untrack(&reg, w.addr, &ledger).expect("W is tracked");
+            w_gone.store(true, Ordering::Release);
+        })
+    };
+    let hx = {
+        let (reg, x_tracked) = (reg.clone(), x_tracked.clone());
+        thread::spawn(move || {
+            let x = reg.track(slot_addr(0), STRIDE);
+            if x.is_ok() {
+                x_tracked.store(true, Ordering::Release);
+            }
+            x.ok()
+        })
+    };
+    let out = pass_ok(&reg, comm, &ledger);
+    for s in &out.registered {
+        let found = reg.window_of(comm, s.addr + 8, 8);
+        assert!(
+            matches!(found, Ok(f) if f.window == (comm, *s) && f.offset == 8),
+            "a segment a finished pass registered was not found: {s:?}, {found:?}"
+        );
+    }
+    let w_gone_before = w_gone.load(Ordering::Acquire);
+    let x_before = x_tracked.load(Ordering::Acquire);
+    let found = reg.find(slot_addr(0) + 8);
+    if let Some(s) = found {
+        assert!(
+            s.addr == w.addr && s.len == STRIDE,
+            "a stranger was found: {s:?}"
+        );
+    }
+    if w_gone_before {
+        assert_ne!(found, Some(w), "found a segment whose untrack had returned");
+    }
+    if x_before {
+        assert!(
+            found.is_some_and(|s| s.seq > v.seq),
+            "a tracked segment was not found: {found:?}"
+        );
+    }
+    assert_eq!(reg.find(v.addr), Some(v));
+    hw.join().unwrap();
+    let x = hx.join().unwrap();
+    // Once both are done, the address holds X or nothing.
+    assert_eq!(reg.find(slot_addr(0)), x);
+    drop(drain(&reg, &ledger));
+    ledger.assert_windows_exactly_once();
+}
+
+static RUNS_9: AtomicUsize = AtomicUsize::new(0);
+#[test]
+fn model9_page_map_lookups_race_address_reuse() {
+    Model::new("9 page map races address reuse", 3).check(&RUNS_9, || {
+        page_map_races_address_reuse(Faults::NONE, STRIDE)
+    });
+}
+
+static RUNS_9S: AtomicUsize = AtomicUsize::new(0);
+#[test]
+fn model9_shared_granule_lookups_race_address_reuse() {
+    Model::new("9s shared granule races address reuse", 3).check(&RUNS_9S, || {
+        page_map_races_address_reuse(Faults::NONE, 4 * STRIDE)
+    });
+}
+
+static RUNS_9N: AtomicUsize = AtomicUsize::new(0);
+#[test]
+#[should_panic(expected = "a segment a finished pass registered was not found")]
+fn model9_negative_late_page_publish_misses_a_registered_segment() {
+    Model::new("9- late page publish", 3).check_fails(
+        &RUNS_9N,
+        "a segment a finished pass registered was not found",
+        || page_map_races_address_reuse(faults(|f| f.late_page_publish = true), STRIDE),
     );
 }

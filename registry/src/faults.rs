@@ -33,6 +33,9 @@ pub struct Faults {
     /// live: a lookup in between finds the granule empty and misses a
     /// segment that a pass may already have registered.
     pub late_page_publish: bool,
+    /// `untrack` leaves the segment in the page map: its slots go on naming
+    /// the node after it is freed.
+    pub skip_page_withdraw: bool,
 }
 
 #[cfg(feature = "test-support")]
@@ -45,6 +48,7 @@ impl Faults {
         free_without_defer: false,
         unchecked_lookup: false,
         late_page_publish: false,
+        skip_page_withdraw: false,
     };
 }
 
@@ -95,6 +99,14 @@ impl Switches {
     pub(crate) fn late_page_publish(&self) -> bool {
         #[cfg(feature = "test-support")]
         return self.0.late_page_publish;
+        #[cfg(not(feature = "test-support"))]
+        false
+    }
+
+    #[inline(always)]
+    pub(crate) fn skip_page_withdraw(&self) -> bool {
+        #[cfg(feature = "test-support")]
+        return self.0.skip_page_withdraw;
         #[cfg(not(feature = "test-support"))]
         false
     }

@@ -758,8 +758,10 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
 
         // Step U1a: out of the page map, while still in the index (so that
         // no slot ever names a retired node).
-        self.pages
-            .withdraw(o.addr, o.end(), o as *const Node<W> as usize);
+        if !self.faults.skip_page_withdraw() {
+            self.pages
+                .withdraw(o.addr, o.end(), o as *const Node<W> as usize);
+        }
 
         // Step U2: close the window list and claim what is there.
         let mut windows = Vec::new();
