@@ -5,8 +5,9 @@
 //! holds once n segments are tracked; after 2n untrack + track round trips
 //! of random live segments (the registry's reclamation flushed first); and,
 //! where passes exist, after one comm registered every segment (the
-//! registry then keeps one window record per segment; the baselines keep
-//! none). Requested sizes are counted, not the allocator's own overhead.
+//! registry then keeps one window record per segment, `mutex-btreemap` one
+//! `(comm, window)` pair; the other baselines keep none). Requested sizes
+//! are counted, not the allocator's own overhead.
 //!
 //! Flags: `--bench` (given by `cargo bench`; without it, or with `--test`,
 //! only n = 1,000 is measured). Writes `memory.json` to the results folder.

@@ -7,16 +7,26 @@
 //!   stays constant and no two threads race on one segment). Reports ops/s.
 //! * Pass latency: a registration pass with nothing pending, idle and while
 //!   15 threads do lookups (median over batches).
+//! * Window lookup (issue 9): T threads doing only `window_of` lookups of
+//!   random ranges inside random live segments, on one map of n segments
+//!   that one comm registered. Reports ns per lookup per thread (T × elapsed
+//!   ÷ lookups) and lookups/s. Only implementations that keep windows.
 //!
 //! Flags (unknown ones, such as criterion's, are ignored):
 //! `--bench` (given by `cargo bench`; without it, or with `--test`, this is
 //! a smoke run of a few milliseconds per point), `--secs S` (per throughput
 //! point; env `SEGREG_MT_SECS`, default 1), `--threads 1,2,4,8,16` (env
 //! `SEGREG_MT_THREADS`), `--sizes 1000,100000` (env `SEGREG_MT_SIZES`),
-//! `--impls registry,raw-skipmap` (env `SEGREG_MT_IMPLS`; default all).
+//! `--impls registry,raw-skipmap` (env `SEGREG_MT_IMPLS`; default all),
+//! `--window-sizes 25,1000,100000` (env `SEGREG_MT_WINDOW_SIZES`),
+//! `--window-threads 1,16` (env `SEGREG_MT_WINDOW_THREADS`), `--only
+//! throughput|window_of` (env `SEGREG_MT_ONLY`; default both parts:
+//! `throughput` is the throughput and pass-latency runs, `window_of` the
+//! window lookups).
 //! Writes `mt.json` and `mt.csv` to the results folder (see
 //! `segment_registry_benches::results`; a smoke run writes to `smoke/`
-//! inside it).
+//! inside it). With `--only`, the results of the part not run are kept from
+//! the `mt.json` already there, if any.
 
 #[cfg(not(feature = "loom"))]
 mod mt {
@@ -26,9 +36,11 @@ mod mt {
     use std::sync::Barrier;
     use std::time::{Duration, Instant};
 
-    use segment_registry_benches::maps::{visit_all, ImplVisitor, SegmentMap};
-    use segment_registry_benches::results::{self, MtResults, PassLatency, Throughput};
-    use segment_registry_benches::workload::{layout, machine, probes, Rng};
+    use segment_registry_benches::maps::{has_window_of, visit_all, ImplVisitor, SegmentMap};
+    use segment_registry_benches::results::{
+        self, MtResults, PassLatency, Throughput, WindowLookup,
+    };
+    use segment_registry_benches::workload::{layout, machine, probes, range_probes, Rng};
 
     /// Threads doing lookups during the loaded pass-latency measurement.
     const LOOKUP_THREADS: usize = 15;
@@ -42,6 +54,14 @@ mod mt {
         pub(crate) sizes: Vec<usize>,
         /// Implementations to run (all if empty).
         pub(crate) impls: Vec<String>,
+        /// Live-segment counts of the window-lookup part.
+        pub(crate) window_sizes: Vec<usize>,
+        /// Thread counts of the window-lookup part.
+        pub(crate) window_threads: Vec<usize>,
+        /// Run the throughput and pass-latency part.
+        pub(crate) run_throughput: bool,
+        /// Run the window-lookup part.
+        pub(crate) run_window: bool,
     }
 
     fn list(s: &str) -> Option<Vec<usize>> {
@@ -73,11 +93,32 @@ mod mt {
                 impls: value("--impls", "SEGREG_MT_IMPLS")
                     .map(|s| s.split(',').map(|x| x.trim().to_string()).collect())
                     .unwrap_or_default(),
+                window_sizes: value("--window-sizes", "SEGREG_MT_WINDOW_SIZES")
+                    .and_then(|s| list(&s))
+                    .unwrap_or_else(|| vec![25, 1_000, 100_000]),
+                window_threads: value("--window-threads", "SEGREG_MT_WINDOW_THREADS")
+                    .and_then(|s| list(&s))
+                    .unwrap_or_else(|| vec![1, 16]),
+                run_throughput: true,
+                run_window: true,
             };
+            if let Some(only) = value("--only", "SEGREG_MT_ONLY") {
+                let parts: Vec<&str> = only.split(',').map(str::trim).collect();
+                for p in &parts {
+                    assert!(
+                        matches!(*p, "throughput" | "window_of"),
+                        "mt: unknown part {p:?} (throughput, window_of)"
+                    );
+                }
+                c.run_throughput = parts.contains(&"throughput");
+                c.run_window = parts.contains(&"window_of");
+            }
             if smoke {
                 c.secs = 0.01;
                 c.threads = vec![1, 2];
                 c.sizes = vec![1_000];
+                c.window_sizes = vec![25, 1_000];
+                c.window_threads = vec![1, 2];
             }
             c
         }
@@ -256,28 +297,163 @@ mod mt {
         }
     }
 
+    /// Runs `threads` threads doing only `window_of(comm, ..)` lookups on
+    /// `m` for `secs`; returns (lookups, seconds).
+    fn window_lookups<M: SegmentMap>(
+        m: &M,
+        comm: u64,
+        slots: &[(usize, usize)],
+        threads: usize,
+        secs: f64,
+    ) -> (u64, f64) {
+        /// Lookups between two looks at the stop flag.
+        const CHUNK: usize = 64;
+        let stop = AtomicBool::new(false);
+        let start = Barrier::new(threads + 1);
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (stop, start) = (&stop, &start);
+                    s.spawn(move || {
+                        let probes = range_probes(slots, 4096, SEED ^ (t as u64 + 200));
+                        let (mut lookups, mut misses) = (0u64, 0u64);
+                        let mut p = 0usize;
+                        start.wait();
+                        // Relaxed: a stop request; nothing is published by it.
+                        while !stop.load(Ordering::Relaxed) {
+                            for _ in 0..CHUNK {
+                                let (a, size) = probes[p & 4095];
+                                p = p.wrapping_add(1);
+                                let found = m.window_of(comm, black_box(a), black_box(size));
+                                misses += u64::from(black_box(found).is_none());
+                            }
+                            lookups += CHUNK as u64;
+                        }
+                        assert_eq!(misses, 0, "{}: window lookups missed", M::NAME);
+                        lookups
+                    })
+                })
+                .collect();
+            start.wait();
+            let t0 = Instant::now();
+            std::thread::sleep(Duration::from_secs_f64(secs));
+            // Relaxed: see the workers' load.
+            stop.store(true, Ordering::Relaxed);
+            let lookups: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+            (lookups, t0.elapsed().as_secs_f64())
+        })
+    }
+
+    struct WindowRun<'a> {
+        cfg: &'a Config,
+        n: usize,
+        out: &'a mut MtResults,
+    }
+
+    impl ImplVisitor for WindowRun<'_> {
+        fn visit<M: SegmentMap>(&mut self) {
+            let (cfg, n) = (self.cfg, self.n);
+            if !cfg.impls.is_empty() && !cfg.impls.iter().any(|i| i == M::NAME) {
+                return;
+            }
+            if !has_window_of::<M>() {
+                return;
+            }
+            let slots = layout(n, SEED ^ n as u64);
+            let m = M::new();
+            let mut order: Vec<usize> = (0..n).collect();
+            Rng::new(SEED ^ 0x5eed).shuffle(&mut order);
+            for &i in &order {
+                let (a, l) = slots[i];
+                assert!(m.track(a, l), "{}: initial track refused", M::NAME);
+            }
+            let comm = m.attach().expect("has_window_of attached one");
+            assert_eq!(m.pass(comm), Some(n), "{}: pass", M::NAME);
+            m.settle();
+            for &threads in &cfg.window_threads {
+                let (lookups, secs) = window_lookups(&m, comm, &slots, threads, cfg.secs);
+                let row = WindowLookup {
+                    implementation: M::NAME.into(),
+                    n,
+                    threads,
+                    secs,
+                    lookups,
+                    ns_per_lookup: threads as f64 * secs * 1e9 / lookups.max(1) as f64,
+                    lookups_per_sec: lookups as f64 / secs,
+                };
+                eprintln!(
+                    "win n={n:<6} T={threads:<2} {:<14} {:>9.1} ns/lookup/thread {:>10.3} M lookups/s",
+                    M::NAME,
+                    row.ns_per_lookup,
+                    row.lookups_per_sec / 1e6
+                );
+                self.out.window_lookup.push(row);
+            }
+        }
+    }
+
     /// Runs everything and writes the files.
     pub(crate) fn main() {
         let cfg = Config::from_env_and_args();
-        let mut out = MtResults {
-            machine: machine::describe(),
-            secs_per_point: cfg.secs,
-            smoke: cfg.smoke,
-            ..MtResults::default()
-        };
-        for &n in &cfg.sizes {
-            visit_all(&mut Run {
-                cfg: &cfg,
-                n,
-                out: &mut out,
-            });
-        }
         let mut dir = results::results_dir();
         if cfg.smoke {
             dir.push("smoke");
         }
-        std::fs::create_dir_all(&dir).expect("create the results folder");
         let json = dir.join(results::MT_JSON);
+        let mut out = MtResults {
+            machine: machine::describe(),
+            secs_per_point: cfg.secs,
+            smoke: cfg.smoke,
+            window_secs_per_point: cfg.secs,
+            ..MtResults::default()
+        };
+        // Keep the part not run from the file already there.
+        if !(cfg.run_throughput && cfg.run_window) {
+            let old: Option<MtResults> = std::fs::read_to_string(&json)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok());
+            if let Some(old) = old {
+                eprintln!(
+                    "mt: keeping the {} results of {} (measured {}, registry {})",
+                    if cfg.run_window {
+                        "throughput"
+                    } else {
+                        "window-lookup"
+                    },
+                    json.display(),
+                    old.machine.date,
+                    old.machine.registry_rev
+                );
+                if !cfg.run_throughput {
+                    out.secs_per_point = old.secs_per_point;
+                    out.throughput = old.throughput;
+                    out.pass_latency = old.pass_latency;
+                }
+                if !cfg.run_window {
+                    out.window_secs_per_point = old.window_secs_per_point;
+                    out.window_lookup = old.window_lookup;
+                }
+            }
+        }
+        if cfg.run_throughput {
+            for &n in &cfg.sizes {
+                visit_all(&mut Run {
+                    cfg: &cfg,
+                    n,
+                    out: &mut out,
+                });
+            }
+        }
+        if cfg.run_window {
+            for &n in &cfg.window_sizes {
+                visit_all(&mut WindowRun {
+                    cfg: &cfg,
+                    n,
+                    out: &mut out,
+                });
+            }
+        }
+        std::fs::create_dir_all(&dir).expect("create the results folder");
         std::fs::write(&json, serde_json::to_string_pretty(&out).unwrap()).expect("write mt.json");
         let mut csv = std::fs::File::create(dir.join(results::MT_CSV)).expect("create mt.csv");
         writeln!(csv, "implementation,n,mix,threads,secs,ops,ops_per_sec").unwrap();

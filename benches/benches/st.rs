@@ -4,10 +4,13 @@
 //! Groups (criterion ids `GROUP/IMPL/N`): `track`, `untrack`, `round_trip`
 //! (untrack + track of one random live segment), `lookup` (containing
 //! address), `by_address`, `by_seq`, `pass_none` (nothing pending),
-//! `pass_k25` and `pass_k1000` (k pending). n stays constant: the track and
-//! untrack benches move a batch of B segments between a live and a spare set
-//! (live count within [n - B, n + B], B = 8, 64, 256), timing only the
-//! measured operation; see `benches/README.md`.
+//! `pass_k25` and `pass_k1000` (k pending), `window_of` (issue 9: the
+//! window and offset of a random range inside a random live segment, every
+//! segment registered with one comm; only where the implementation keeps
+//! windows). n stays constant: the track and untrack benches move a batch of
+//! B segments between a live and a spare set (live count within [n - B,
+//! n + B], B = 8, 64, 256), timing only the measured operation; see
+//! `benches/README.md`.
 //!
 //! Run: `cargo bench -p segment-registry-benches --bench st -- --warm-up-time 1
 //! --measurement-time 2`; `-- --test` runs each benchmark once.
@@ -19,8 +22,8 @@ mod st {
 
     use criterion::measurement::WallTime;
     use criterion::{BatchSize, BenchmarkGroup, BenchmarkId, Criterion};
-    use segment_registry_benches::maps::{visit_all, ImplVisitor, SegmentMap};
-    use segment_registry_benches::workload::{probes, Population};
+    use segment_registry_benches::maps::{has_window_of, visit_all, ImplVisitor, SegmentMap};
+    use segment_registry_benches::workload::{probes, range_probes, Population};
 
     /// Live-segment counts.
     pub(crate) const SIZES: [usize; 3] = [25, 1_000, 100_000];
@@ -47,6 +50,7 @@ mod st {
         BySeq,
         PassNone,
         PassK(usize),
+        WindowOf,
     }
 
     impl Op {
@@ -61,6 +65,7 @@ mod st {
                 Op::PassNone,
             ];
             v.extend(PENDING.iter().map(|&k| Op::PassK(k)));
+            v.push(Op::WindowOf);
             v
         }
 
@@ -74,6 +79,7 @@ mod st {
                 Op::BySeq => "by_seq".into(),
                 Op::PassNone => "pass_none".into(),
                 Op::PassK(k) => format!("pass_k{k}"),
+                Op::WindowOf => "window_of".into(),
             }
         }
     }
@@ -117,12 +123,14 @@ mod st {
     }
 
     /// Whether `M` has what `op` needs (no passes or seq order for the raw
-    /// skiplist: those rows are "n/a").
+    /// skiplist, no windows but in the registry and the `BTreeMap`: those
+    /// rows are "n/a").
     fn supported<M: SegmentMap>(op: Op) -> bool {
         let probe = M::new();
         match op {
             Op::BySeq => probe.by_seq().is_some(),
             Op::PassNone | Op::PassK(_) => probe.attach().is_some(),
+            Op::WindowOf => has_window_of::<M>(),
             _ => true,
         }
     }
@@ -229,6 +237,27 @@ mod st {
                         |()| m.pass(comm),
                         BatchSize::PerIteration,
                     )
+                });
+            }
+            Op::WindowOf => {
+                let comm = m.attach().expect("supported");
+                assert_eq!(m.pass(comm), Some(n));
+                let live = pop.live_segments();
+                let probes = range_probes(&live, 4096, SEED);
+                assert!(
+                    probes
+                        .iter()
+                        .all(|&(a, s)| m.window_of(comm, a, s).is_some()),
+                    "{}: window lookup missed",
+                    M::NAME
+                );
+                let mut i = 0usize;
+                g.bench_function(id, |b| {
+                    b.iter(|| {
+                        let (a, s) = probes[i & 4095];
+                        i = i.wrapping_add(1);
+                        black_box(m.window_of(black_box(comm), black_box(a), black_box(s)))
+                    })
                 });
             }
         }

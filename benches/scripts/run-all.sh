@@ -10,6 +10,9 @@
 #   SEGREG_MT_SECS     seconds per multi-thread point     (default 1)
 #   SEGREG_MT_THREADS  thread counts, e.g. 1,2,4,8,16     (default 1,2,4,8,16)
 #   SEGREG_MT_SIZES    live-segment counts                (default 1000,100000)
+#   SEGREG_MT_WINDOW_SIZES, SEGREG_MT_WINDOW_THREADS
+#                      window-lookup points  (default 25,1000,100000 and 1,16)
+#   SEGREG_MT_ONLY     throughput or window_of: one part of mt only
 #   QUICK=1            one quick iteration of everything (smoke test)
 #   STEPS              which steps, in order (default "memory mt st report")
 set -euo pipefail

@@ -46,6 +46,20 @@ pub trait SegmentMap: Send + Sync + Sized + 'static {
     /// [`register_window`]) every segment it has not seen; returns how many.
     fn pass(&self, comm: u64) -> Option<usize>;
 
+    /// The window lookup of issue 9, `(comm, ptr, size) -> (window,
+    /// offset)`: the window that a pass of `comm` recorded (see
+    /// [`register_window`]) for the live segment containing the whole range
+    /// `[addr, addr + size)`, and the offset of `addr` in that segment.
+    ///
+    /// `None` if no live segment contains `addr`, if the range runs past the
+    /// segment's end, or if `comm` has not registered the segment. The
+    /// default, for implementations that keep no windows, always answers
+    /// `None`; [`has_window_of`] tells them apart ("n/a" in the tables).
+    fn window_of(&self, comm: u64, addr: usize, size: usize) -> Option<(u64, usize)> {
+        let _ = (comm, addr, size);
+        None
+    }
+
     /// Lets deferred frees that earlier operations left behind run now, so
     /// that the next measurement does not pay for them (epoch-based
     /// implementations hand that work to whichever thread pins next).
@@ -58,6 +72,18 @@ pub trait SegmentMap: Send + Sync + Sized + 'static {
 #[inline]
 pub fn register_window(addr: usize, len: usize) -> u64 {
     black_box((addr ^ len.rotate_left(17)) as u64)
+}
+
+/// Whether `M` answers [`SegmentMap::window_of`]: a one-segment map, one
+/// comm and one pass, then a lookup that must find the window.
+pub fn has_window_of<M: SegmentMap>() -> bool {
+    const ADDR: usize = 0x7f00_0000_0000;
+    const LEN: usize = 2 << 20;
+    let m = M::new();
+    let Some(comm) = m.attach() else {
+        return false;
+    };
+    m.track(ADDR, LEN) && m.pass(comm) == Some(1) && m.window_of(comm, ADDR + 64, 64).is_some()
 }
 
 /// Calls [`ImplVisitor::visit`] once per implementation, in table order.
@@ -158,6 +184,13 @@ impl SegmentMap for RegistryMap {
             }
             Err(failure) => panic!("registry pass failed: {:?}", failure.error),
         }
+    }
+
+    fn window_of(&self, comm: u64, addr: usize, size: usize) -> Option<(u64, usize)> {
+        self.reg
+            .window_of(CommId(comm), addr, size)
+            .ok()
+            .map(|w| (w.window, w.offset))
     }
 
     fn settle(&self) {
@@ -274,10 +307,21 @@ impl SegmentMap for SglangVec {
 // Mutex<BTreeMap>
 // --------------------------------------------------------------------------
 
+/// One segment of [`MutexBTree`]'s address map.
+struct BSeg {
+    len: usize,
+    seq: u64,
+    /// `(comm, window)` per comm whose pass registered the segment, in pass
+    /// order. A boxed slice: empty (no allocation) until the first pass,
+    /// then one allocation of 16 bytes per comm, like the registry's one
+    /// record per (segment, comm); 16 bytes in the node either way.
+    windows: Box<[(u64, u64)]>,
+}
+
 #[derive(Default)]
 struct BTreeInner {
-    /// addr -> (len, seq)
-    by_addr: BTreeMap<usize, (usize, u64)>,
+    /// addr -> (len, seq, windows)
+    by_addr: BTreeMap<usize, BSeg>,
     /// seq -> (addr, len)
     by_seq: BTreeMap<u64, (usize, usize)>,
     next_seq: u64,
@@ -288,8 +332,12 @@ struct BTreeInner {
 
 /// One `Mutex` over a `BTreeMap` keyed by address (with an overlap check on
 /// track) and a `BTreeMap` keyed by seq for passes, with a seq watermark per
-/// comm. The lock is held across the registration callbacks; windows are not
-/// kept.
+/// comm. The lock is held across the registration callbacks. Like the
+/// registry, a pass records each window it gets in the segment's address
+/// entry (one more `BTreeMap` descent per registered segment), untrack drops
+/// them, and [`window_of`](SegmentMap::window_of) answers from the address
+/// map under the lock: predecessor, containment of the whole range, then a
+/// linear search of the segment's `(comm, window)` pairs.
 #[derive(Default)]
 pub struct MutexBTree {
     inner: Mutex<BTreeInner>,
@@ -307,8 +355,8 @@ impl SegmentMap for MutexBTree {
             return false;
         };
         let mut g = self.inner.lock().unwrap();
-        if let Some((&a, &(l, _))) = g.by_addr.range(..=addr).next_back() {
-            if a + l > addr {
+        if let Some((&a, s)) = g.by_addr.range(..=addr).next_back() {
+            if a + s.len > addr {
                 return false;
             }
         }
@@ -317,7 +365,14 @@ impl SegmentMap for MutexBTree {
         }
         g.next_seq += 1;
         let seq = g.next_seq;
-        g.by_addr.insert(addr, (len, seq));
+        g.by_addr.insert(
+            addr,
+            BSeg {
+                len,
+                seq,
+                windows: Box::default(),
+            },
+        );
         g.by_seq.insert(seq, (addr, len));
         true
     }
@@ -325,8 +380,9 @@ impl SegmentMap for MutexBTree {
     fn untrack(&self, addr: usize) -> bool {
         let mut g = self.inner.lock().unwrap();
         match g.by_addr.remove(&addr) {
-            Some((_, seq)) => {
-                g.by_seq.remove(&seq);
+            Some(seg) => {
+                g.by_seq.remove(&seg.seq);
+                black_box(&seg.windows);
                 true
             }
             None => false,
@@ -338,13 +394,13 @@ impl SegmentMap for MutexBTree {
         g.by_addr
             .range(..=addr)
             .next_back()
-            .filter(|(&a, &(l, _))| addr - a < l)
+            .filter(|(&a, s)| addr - a < s.len)
             .map(|(&a, _)| a)
     }
 
     fn by_address(&self) -> usize {
         let g = self.inner.lock().unwrap();
-        let v: Vec<(usize, usize)> = g.by_addr.iter().map(|(&a, &(l, _))| (a, l)).collect();
+        let v: Vec<(usize, usize)> = g.by_addr.iter().map(|(&a, s)| (a, s.len)).collect();
         black_box(v).len()
     }
 
@@ -363,16 +419,36 @@ impl SegmentMap for MutexBTree {
     fn pass(&self, comm: u64) -> Option<usize> {
         let mut g = self.inner.lock().unwrap();
         let BTreeInner {
-            by_seq, watermarks, ..
+            by_addr,
+            by_seq,
+            watermarks,
+            ..
         } = &mut *g;
         let wm = watermarks.entry(comm).or_insert(0);
         let mut n = 0;
         for (&seq, &(a, l)) in by_seq.range(*wm + 1..) {
-            register_window(a, l);
+            let window = register_window(a, l);
+            let seg = by_addr.get_mut(&a).expect("by_seq and by_addr agree");
+            let mut windows = std::mem::take(&mut seg.windows).into_vec();
+            windows.push((comm, window));
+            seg.windows = windows.into_boxed_slice();
             *wm = seq;
             n += 1;
         }
         Some(n)
+    }
+
+    fn window_of(&self, comm: u64, addr: usize, size: usize) -> Option<(u64, usize)> {
+        let g = self.inner.lock().unwrap();
+        let (&a, seg) = g.by_addr.range(..=addr).next_back()?;
+        let offset = addr - a;
+        if offset >= seg.len || size > seg.len - offset {
+            return None;
+        }
+        seg.windows
+            .iter()
+            .find(|&&(c, _)| c == comm)
+            .map(|&(_, w)| (w, offset))
     }
 }
 
@@ -622,6 +698,67 @@ mod tests {
     #[test]
     fn every_implementation_agrees_on_a_small_script() {
         visit_all(&mut Check);
+    }
+
+    fn check_window_of<M: SegmentMap>() {
+        let m = M::new();
+        if !has_window_of::<M>() {
+            let c = m.attach();
+            assert!(m.track(10 * MIB2, 2 * MIB2));
+            if let Some(c) = c {
+                let _ = m.pass(c);
+                assert_eq!(m.window_of(c, 10 * MIB2, 1), None, "{}", M::NAME);
+            }
+            return;
+        }
+        let (c1, c2) = (m.attach().unwrap(), m.attach().unwrap());
+        assert!(m.track(10 * MIB2, 2 * MIB2));
+        assert!(m.track(20 * MIB2, MIB2));
+        // Tracked, not registered yet.
+        assert_eq!(m.window_of(c1, 10 * MIB2, 64), None, "{}", M::NAME);
+        assert_eq!(m.pass(c1), Some(2));
+        let w10 = register_window(10 * MIB2, 2 * MIB2);
+        let w20 = register_window(20 * MIB2, MIB2);
+        assert_eq!(m.window_of(c1, 10 * MIB2 + 256, 64), Some((w10, 256)));
+        // The whole segment; one byte more crosses the end.
+        assert_eq!(m.window_of(c1, 10 * MIB2, 2 * MIB2), Some((w10, 0)));
+        assert_eq!(m.window_of(c1, 10 * MIB2 + 1, 2 * MIB2), None);
+        assert_eq!(
+            m.window_of(c1, 20 * MIB2 + MIB2 - 1, 1),
+            Some((w20, MIB2 - 1))
+        );
+        // Between segments, after the last one, or another comm's.
+        assert_eq!(m.window_of(c1, 12 * MIB2, 1), None);
+        assert_eq!(m.window_of(c1, 30 * MIB2, 1), None);
+        assert_eq!(m.window_of(c2, 10 * MIB2, 1), None, "{}", M::NAME);
+        assert_eq!(m.pass(c2), Some(2));
+        assert_eq!(m.window_of(c2, 20 * MIB2, 8), Some((w20, 0)));
+        assert_eq!(m.window_of(c1, 20 * MIB2, 8), Some((w20, 0)));
+        // Untracked: gone for every comm; re-tracked: pending again.
+        assert!(m.untrack(20 * MIB2));
+        assert_eq!(m.window_of(c1, 20 * MIB2, 8), None);
+        assert_eq!(m.window_of(c2, 20 * MIB2, 8), None);
+        assert!(m.track(20 * MIB2, MIB2));
+        assert_eq!(m.window_of(c1, 20 * MIB2, 8), None, "{}", M::NAME);
+        assert_eq!(m.pass(c1), Some(1));
+        assert_eq!(m.window_of(c1, 20 * MIB2, 8), Some((w20, 0)));
+    }
+
+    struct CheckWindows(Vec<&'static str>);
+    impl ImplVisitor for CheckWindows {
+        fn visit<M: SegmentMap>(&mut self) {
+            check_window_of::<M>();
+            if has_window_of::<M>() {
+                self.0.push(M::NAME);
+            }
+        }
+    }
+
+    #[test]
+    fn window_of_agrees_where_it_exists() {
+        let mut v = CheckWindows(Vec::new());
+        visit_all(&mut v);
+        assert_eq!(v.0, [RegistryMap::NAME, MutexBTree::NAME]);
     }
 
     #[test]

@@ -95,6 +95,28 @@ pub struct PassLatency {
     pub lookup_threads: usize,
 }
 
+/// Window-lookup latency (issue 9): T threads doing nothing but
+/// `window_of` lookups on one map whose segments one comm registered.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct WindowLookup {
+    /// Implementation name.
+    pub implementation: String,
+    /// Live segments (all registered).
+    pub n: usize,
+    /// Threads doing lookups.
+    pub threads: usize,
+    /// Wall time measured, seconds.
+    pub secs: f64,
+    /// Lookups completed, all threads together.
+    pub lookups: u64,
+    /// Mean ns per lookup per thread: `threads * secs / lookups`, in ns
+    /// (the latency one thread sees; with more threads than cores it
+    /// includes the time the thread waited for a core).
+    pub ns_per_lookup: f64,
+    /// `lookups / secs`, all threads together.
+    pub lookups_per_sec: f64,
+}
+
 /// Everything `mt` writes.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct MtResults {
@@ -108,6 +130,12 @@ pub struct MtResults {
     pub throughput: Vec<Throughput>,
     /// Pass latencies.
     pub pass_latency: Vec<PassLatency>,
+    /// Window-lookup latencies (absent from files written before issue 9).
+    #[serde(default)]
+    pub window_lookup: Vec<WindowLookup>,
+    /// Seconds per window-lookup point (0 in older files).
+    #[serde(default)]
+    pub window_secs_per_point: f64,
 }
 
 /// One memory measurement.
@@ -164,7 +192,16 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 #[cfg(test)]
 mod tests {
-    use super::civil_from_days;
+    use super::{civil_from_days, MtResults};
+
+    #[test]
+    fn mt_json_without_window_lookups_still_parses() {
+        let old = r#"{"machine": {"cores": 2, "cpu": "x", "os": "linux", "date": "2026-01-01"},
+                      "secs_per_point": 1.0, "smoke": false,
+                      "throughput": [], "pass_latency": []}"#;
+        let mt: MtResults = serde_json::from_str(old).unwrap();
+        assert!(mt.window_lookup.is_empty());
+    }
 
     #[test]
     fn dates() {

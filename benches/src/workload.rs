@@ -74,6 +74,23 @@ pub fn probes(segs: &[(usize, usize)], count: usize, seed: u64) -> Vec<usize> {
         .collect()
 }
 
+/// `count` byte ranges `(addr, size)` that each lie wholly inside a random
+/// segment of `segs`: a random 256-byte-aligned start, as in [`probes`],
+/// and a random whole number of 256-byte units up to what is left of the
+/// segment, as a window lookup for a tensor would ask.
+pub fn range_probes(segs: &[(usize, usize)], count: usize, seed: u64) -> Vec<(usize, usize)> {
+    let mut rng = Rng::new(seed);
+    (0..count)
+        .map(|_| {
+            let (a, l) = segs[rng.below(segs.len())];
+            let addr = a + rng.below(l / 256) * 256;
+            let left = a + l - addr;
+            let size = (1 + rng.below(left / 256)) * 256;
+            (addr, size)
+        })
+        .collect()
+}
+
 /// A population of segments of which `n` are live in a map and the rest
 /// are spare, with the moves the single-thread benchmarks make between the
 /// two sets.

@@ -536,8 +536,13 @@ fn section(
     if let Some(mt) = mt {
         writeln!(
             s,
-            "Multi-thread: {} s per throughput point{}.",
+            "Multi-thread: {} s per {} point{}.",
             mt.secs_per_point,
+            if mt.throughput.is_empty() {
+                "window-lookup"
+            } else {
+                "throughput"
+            },
             if mt.smoke {
                 " (**smoke run: figures meaningless**)"
             } else {
@@ -564,7 +569,8 @@ fn section(
     s.push('\n');
 
     // Single thread.
-    if !e.is_empty() {
+    // The window lookup has its own table below.
+    if e.keys().any(|k| GROUPS.contains(&k.0.as_str())) {
         writeln!(
             s,
             "### Single thread (criterion: time per operation)\n\n\
@@ -611,8 +617,8 @@ fn section(
         s.push('\n');
     }
 
-    // Multi thread.
-    if let Some(mt) = mt {
+    // Multi thread (a run of only the window-lookup part has no throughput).
+    if let Some(mt) = mt.filter(|m| !m.throughput.is_empty()) {
         writeln!(
             s,
             "### Multi-thread throughput (operations per second)\n\n\
@@ -700,6 +706,8 @@ fn section(
         }
     }
 
+    window_section(&mut s, e, mt, &sizes);
+
     // Memory.
     if let Some(mem) = mem {
         writeln!(
@@ -707,7 +715,8 @@ fn section(
             "### Memory per live segment (heap bytes requested, counting allocator)\n\n\
              `tracked`: after n tracks; `after churn`: after 2n untrack + track \
              round trips (deferred frees flushed); `1 comm registered`: after one \
-             pass registered every segment (only the registry keeps the windows).\n"
+             pass registered every segment (the registry and mutex-btreemap keep \
+             the windows).\n"
         )
         .unwrap();
         let mut keys: Vec<(usize, String)> =
@@ -744,6 +753,108 @@ fn section(
         s.push('\n');
     }
     s
+}
+
+/// The implementations that keep windows, in column order.
+const WINDOW_IMPLS: [&str; 2] = [REG, "mutex-btreemap"];
+/// The criterion group of the single-thread window lookup.
+const WINDOW_GROUP: &str = "window_of";
+
+/// "Window lookup (issue 9)": ns per lookup per thread for each n and T,
+/// from criterion (`window_of`, one thread) and `mt` (T threads), with the
+/// registry's speed-up over `Mutex<BTreeMap>` in brackets.
+fn window_section(s: &mut String, e: &Estimates, mt: Option<&MtResults>, sizes: &[usize]) {
+    let rows_mt: &[results::WindowLookup] = mt.map_or(&[], |m| &m.window_lookup);
+    let has_st = sizes.iter().any(|&n| {
+        WINDOW_IMPLS
+            .iter()
+            .any(|i| est(e, WINDOW_GROUP, i, n).is_some())
+    });
+    if !has_st && rows_mt.is_empty() {
+        return;
+    }
+    writeln!(
+        s,
+        "### Window lookup (issue 9)\n\n\
+         `window_of(comm, ptr, size) -> (window, offset)` for a random range inside \
+         a random live segment, every segment registered with one comm. \
+         `criterion`: the `st` group `{WINDOW_GROUP}`, one thread, time per lookup. \
+         `mt`: T threads doing only lookups on one shared map{}, ns per lookup \
+         per thread (T × elapsed ÷ lookups; with more threads than cores it \
+         includes waiting for a core) and lookups per second, all threads \
+         together. In brackets: mutex-btreemap ÷ registry (above 1: the \
+         registry is faster). The other implementations keep no windows.\n",
+        mt.filter(|m| m.window_secs_per_point > 0.0)
+            .map_or(String::new(), |m| format!(
+                " for {} s per point",
+                m.window_secs_per_point
+            ))
+    )
+    .unwrap();
+    writeln!(
+        s,
+        "| n | T | measured by | registry ns/lookup | mutex-btreemap ns/lookup | \
+         registry lookups/s | mutex-btreemap lookups/s |\n\
+         | ---: | ---: | --- | ---: | ---: | ---: | ---: |"
+    )
+    .unwrap();
+    let mut ns: Vec<usize> = sizes
+        .iter()
+        .copied()
+        .filter(|&n| {
+            WINDOW_IMPLS
+                .iter()
+                .any(|i| est(e, WINDOW_GROUP, i, n).is_some())
+        })
+        .chain(rows_mt.iter().map(|r| r.n))
+        .collect();
+    ns.sort_unstable();
+    ns.dedup();
+    // (ns per lookup, lookups per second) for the registry and the baseline.
+    let row = |s: &mut String, n: usize, t: usize, by: &str, v: [Option<(f64, f64)>; 2]| {
+        write!(s, "| {} | {t} | {by} |", fmt_n(n)).unwrap();
+        match v[0] {
+            Some((r, _)) => write!(s, " {} |", fmt_ns(r)).unwrap(),
+            None => s.push_str(" – |"),
+        }
+        match (v[1], v[0]) {
+            (Some((b, _)), Some((r, _))) => {
+                write!(s, " {} ({}) |", fmt_ns(b), fmt_ratio(b / r)).unwrap()
+            }
+            (Some((b, _)), None) => write!(s, " {} |", fmt_ns(b)).unwrap(),
+            (None, _) => s.push_str(" – |"),
+        }
+        for x in v {
+            match x {
+                Some((_, ops)) => write!(s, " {} |", fmt_ops(ops)).unwrap(),
+                None => s.push_str(" – |"),
+            }
+        }
+        s.push('\n');
+    };
+    for n in ns {
+        let st = WINDOW_IMPLS.map(|i| est(e, WINDOW_GROUP, i, n).map(|ns| (ns, 1e9 / ns)));
+        if st.iter().any(Option::is_some) {
+            row(s, n, 1, "criterion", st);
+        }
+        let mut ts: Vec<usize> = rows_mt
+            .iter()
+            .filter(|r| r.n == n)
+            .map(|r| r.threads)
+            .collect();
+        ts.sort_unstable();
+        ts.dedup();
+        for t in ts {
+            let v = WINDOW_IMPLS.map(|i| {
+                rows_mt
+                    .iter()
+                    .find(|r| r.implementation == i && r.n == n && r.threads == t)
+                    .map(|r| (r.ns_per_lookup, r.lookups_per_sec))
+            });
+            row(s, n, t, "mt", v);
+        }
+    }
+    s.push('\n');
 }
 
 // --------------------------------------------------------------------------
@@ -988,7 +1099,7 @@ fn main() {
         std::process::exit(1);
     }
 
-    let svg_path = mt.as_ref().map(|_| {
+    let svg_path = mt.as_ref().filter(|m| !m.throughput.is_empty()).map(|_| {
         a.svg.clone().unwrap_or_else(|| {
             let name = format!("throughput-{}.svg", slug(&a.machine));
             match &a.out {
@@ -1033,6 +1144,43 @@ mod tests {
         let d = splice(&d, "a", "ONE\n");
         assert!(d.contains("ONE") && !d.contains("one\n") && d.contains("two"));
         assert!(d.find("ONE").unwrap() < d.find("two").unwrap());
+    }
+
+    #[test]
+    fn window_section_pairs_registry_and_btreemap() {
+        let mut e = Estimates::new();
+        e.insert(("window_of".into(), REG.into(), 1_000), 20.0);
+        e.insert(("window_of".into(), "mutex-btreemap".into(), 1_000), 50.0);
+        e.insert(("lookup".into(), REG.into(), 25), 10.0);
+        let row = |imp: &str, threads: usize, ns: f64| results::WindowLookup {
+            implementation: imp.into(),
+            n: 1_000,
+            threads,
+            secs: 1.0,
+            lookups: 1,
+            ns_per_lookup: ns,
+            lookups_per_sec: threads as f64 * 1e9 / ns,
+        };
+        let mt = MtResults {
+            window_lookup: vec![row(REG, 16, 40.0), row("mutex-btreemap", 16, 4000.0)],
+            window_secs_per_point: 1.0,
+            ..MtResults::default()
+        };
+        let mut s = String::new();
+        window_section(&mut s, &e, Some(&mt), &[25, 1_000]);
+        assert!(s.starts_with("### Window lookup (issue 9)"), "{s}");
+        assert!(
+            s.contains("| 1,000 | 1 | criterion | 20.0 ns | 50.0 ns (2.50×) |"),
+            "{s}"
+        );
+        assert!(
+            s.contains("| 1,000 | 16 | mt | 40.0 ns | 4.00 µs (100×) | 400.00 M |"),
+            "{s}"
+        );
+        assert!(!s.contains("| 25 |"), "{s}");
+        let mut empty = String::new();
+        window_section(&mut empty, &Estimates::new(), None, &[]);
+        assert!(empty.is_empty());
     }
 
     #[test]
