@@ -123,8 +123,9 @@ impl PageMap {
         (first < limit).then_some((first, last))
     }
 
-    /// The slot of granule `g`, creating the tables on the way if `create`.
-    fn slot(&self, g: usize, create: bool) -> Option<&AtomicUsize> {
+    /// The last-level table that holds granule `g`'s slot, creating the
+    /// tables on the way if `create`.
+    fn leaf(&self, g: usize, create: bool) -> Option<&Table> {
         let mut table = self.root;
         for level in (1..LEVELS).rev() {
             let i = (g >> (level * LEVEL_BITS)) & (FANOUT - 1);
@@ -157,7 +158,31 @@ impl PageMap {
             table = child;
         }
         // SAFETY: as above.
-        Some(unsafe { &(*table).entries[g & (FANOUT - 1)] })
+        Some(unsafe { &*table })
+    }
+
+    /// Calls `f` on the slot of every granule in `[first, last]`, walking
+    /// down the table once per last-level table (512 granules).
+    fn for_each_slot(
+        &self,
+        first: usize,
+        last: usize,
+        create: bool,
+        mut f: impl FnMut(&AtomicUsize),
+    ) {
+        let mut g = first;
+        while g <= last {
+            let run_end = (g | (FANOUT - 1)).min(last);
+            match self.leaf(g, create) {
+                Some(t) => {
+                    for slot in &t.entries[g & (FANOUT - 1)..=run_end & (FANOUT - 1)] {
+                        f(slot);
+                    }
+                }
+                None => debug_assert!(false, "withdraw from a granule never published"),
+            }
+            g = run_end + 1;
+        }
     }
 
     /// What granule of `addr` says.
@@ -170,9 +195,10 @@ impl PageMap {
         if g >> (LEVEL_BITS * LEVELS) != 0 {
             return Probe::Ask;
         }
-        let Some(slot) = self.slot(g, false) else {
+        let Some(leaf) = self.leaf(g, false) else {
             return Probe::Empty;
         };
+        let slot = &leaf.entries[g & (FANOUT - 1)];
         // SeqCst: the lookup argument (DESIGN.md §7a) orders this read in
         // one total order with the publishers' and withdrawers' CASes and
         // the nodes' state changes.
@@ -197,8 +223,7 @@ impl PageMap {
         let Some((first, last)) = self.granules(addr, end) else {
             return;
         };
-        for g in first..=last {
-            let slot = self.slot(g, true).expect("created");
+        self.for_each_slot(first, last, true, |slot| {
             // SeqCst: see `probe`.
             let mut cur = slot.load(Ordering::SeqCst);
             loop {
@@ -214,7 +239,7 @@ impl PageMap {
                     Err(v) => cur = v,
                 }
             }
-        }
+        });
     }
 
     /// Withdraws `node` (covering `[addr, end)`) from every granule it
@@ -225,11 +250,7 @@ impl PageMap {
         let Some((first, last)) = self.granules(addr, end) else {
             return;
         };
-        for g in first..=last {
-            let Some(slot) = self.slot(g, false) else {
-                debug_assert!(false, "withdraw from a granule never published");
-                continue;
-            };
+        self.for_each_slot(first, last, false, |slot| {
             // SeqCst: see `probe`.
             let mut cur = slot.load(Ordering::SeqCst);
             loop {
@@ -245,7 +266,7 @@ impl PageMap {
                     Err(v) => cur = v,
                 }
             }
-        }
+        });
     }
 }
 
@@ -301,6 +322,22 @@ mod tests {
         assert_eq!(m.probe(G), Probe::One(0x4000));
         m.withdraw(G, 2 * G, 0x3000);
         assert_eq!(m.probe(G), Probe::One(0x4000));
+    }
+
+    #[test]
+    fn a_segment_across_last_level_tables() {
+        let m = PageMap::new(G);
+        let (first, last) = (FANOUT - 2, 2 * FANOUT + 1);
+        m.publish(first * G, (last + 1) * G, 0x1000, |_| false);
+        for g in first..=last {
+            assert_eq!(m.probe(g * G), Probe::One(0x1000), "granule {g}");
+        }
+        assert_eq!(m.probe((first - 1) * G), Probe::Empty);
+        assert_eq!(m.probe((last + 1) * G), Probe::Empty);
+        m.withdraw(first * G, (last + 1) * G, 0x1000);
+        for g in first..=last {
+            assert_eq!(m.probe(g * G), Probe::Empty, "granule {g}");
+        }
     }
 
     #[test]
