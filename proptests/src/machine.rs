@@ -37,6 +37,10 @@ pub trait Variant: 'static {
     /// nobody can reach any more, so a window or a free goes missing (see
     /// `tests/bad_input.rs`, `panic_after_forget_in_callback_loses_no_window`).
     const PANIC_AFTER_FORGET: bool = false;
+    /// The registry's page-map granule. The default (2 MiB) puts every
+    /// generated segment in one shared granule, so lookups take the
+    /// skiplist; [`SmallPages`] gives each generated slot its own.
+    const PAGE_GRANULE: usize = segment_registry::DEFAULT_PAGE_GRANULE;
 }
 
 /// The shipped registry.
@@ -45,6 +49,18 @@ pub struct Correct;
 
 impl Variant for Correct {
     const FAULTS: Faults = Faults::NONE;
+}
+
+/// The shipped registry with a page granule of one generated slot
+/// ([`GRANULE`](crate::ops::GRANULE)): lookups of aligned segments take the
+/// page map's one-segment path, and segments that share a slot (unaligned
+/// ones) its counted path.
+#[derive(Debug)]
+pub struct SmallPages;
+
+impl Variant for SmallPages {
+    const FAULTS: Faults = Faults::NONE;
+    const PAGE_GRANULE: usize = crate::ops::GRANULE;
 }
 
 /// The reference machine (generic only to pick what it draws).
@@ -85,7 +101,7 @@ impl<V: Variant> StateMachineTest for RegistryMachine<V> {
     type Reference = RefMachine<V>;
 
     fn init_test(_: &RefState) -> Sut {
-        Sut::new(V::FAULTS)
+        Sut::with_page_granule(V::FAULTS, V::PAGE_GRANULE)
     }
 
     fn apply(sut: Sut, ref_state: &RefState, op: Op) -> Sut {

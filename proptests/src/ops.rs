@@ -499,8 +499,13 @@ pub const CALLBACK_PANIC: &str = "scripted callback panic";
 impl Sut {
     /// A fresh registry with these faults switched on.
     pub fn new(faults: Faults) -> Self {
+        Self::with_page_granule(faults, segment_registry::DEFAULT_PAGE_GRANULE)
+    }
+
+    /// A fresh registry with these faults and this page-map granule.
+    pub fn with_page_granule(faults: Faults, granule: usize) -> Self {
         Sut {
-            reg: Registry::with_faults(faults),
+            reg: Registry::with_faults(faults).with_page_granule(granule),
             next_window: Cell::new(0),
             ledger: RefCell::new(Ledger::default()),
         }

@@ -13,7 +13,7 @@
 use proptest::test_runner::{Config, FileFailurePersistence};
 use proptest_state_machine::prop_state_machine;
 use segment_registry_proptests::env_count;
-use segment_registry_proptests::machine::{Correct, RegistryMachine};
+use segment_registry_proptests::machine::{Correct, RegistryMachine, SmallPages};
 use segment_registry_proptests::ops::Op;
 
 fn config() -> Config {
@@ -34,6 +34,10 @@ prop_state_machine! {
     /// Model and registry agree on every step.
     #[test]
     fn registry_matches_model(sequential 1..40 => RegistryMachine<Correct>);
+
+    /// The same with a page granule of one generated slot.
+    #[test]
+    fn registry_matches_model_with_small_pages(sequential 1..40 => RegistryMachine<SmallPages>);
 }
 
 /// Non-vacuity of the generator: over a few thousand generated cases, run
