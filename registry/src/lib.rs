@@ -42,6 +42,7 @@
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
+mod counters;
 mod error;
 mod faults;
 mod index;

@@ -6,8 +6,9 @@
 use std::collections::BTreeMap;
 use std::mem::ManuallyDrop;
 use std::ptr;
-use std::sync::atomic::{AtomicU64 as StatU64, AtomicUsize as StatUsize, Ordering as StatOrdering};
+use std::sync::atomic::Ordering as StatOrdering;
 
+use crate::counters::Counters;
 use crate::error::{CommError, PassError, TrackError, UntrackError, WindowLookupError};
 use crate::faults::Switches;
 use crate::index::{AddressIndex, NodeRef, SkipIndex};
@@ -26,20 +27,6 @@ pub const SWEEP_SLACK: usize = 64;
 
 const BUSY: u64 = 1;
 const FORGOTTEN: u64 = 2;
-
-/// Counters of the registry's own memory, for tests and the soak. They are
-/// statistics: plain std atomics with Relaxed ordering, outside the model.
-#[derive(Default)]
-struct Counters {
-    allocated: StatU64,
-    retired: StatU64,
-    freed: StatU64,
-    sweeps: StatU64,
-    pass_steps: StatU64,
-    live_segments: StatUsize,
-    live_bytes: StatUsize,
-    unswept: StatUsize,
-}
 
 /// One attached comm.
 struct CommSlot<C, W> {
@@ -503,7 +490,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             .ok_or(TrackError::Overflow { addr, len })?;
         let guard = self.reclaimer.pin();
         let node = Box::into_raw(Box::new(Node::<W>::new(addr, len, State::new_pending())));
-        self.counters.allocated.fetch_add(1, StatOrdering::Relaxed);
+        self.counters.allocated();
         // SAFETY: just allocated; freed only through the protocol below.
         let me = unsafe { &*node };
         if self.faults.naive_cursor() {
@@ -531,8 +518,8 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
                         _ => {
                             // SAFETY: `node` was never shared.
                             drop(unsafe { Box::from_raw(node) });
-                            self.counters.freed.fetch_add(1, StatOrdering::Relaxed);
-                            self.counters.retired.fetch_add(1, StatOrdering::Relaxed);
+                            self.counters.freed();
+                            self.counters.retired();
                             return Err(TrackError::Overlap {
                                 addr,
                                 len,
@@ -579,12 +566,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             self.publish_pages(me);
         }
 
-        self.counters
-            .live_segments
-            .fetch_add(1, StatOrdering::Relaxed);
-        self.counters
-            .live_bytes
-            .fetch_add(len, StatOrdering::Relaxed);
+        self.counters.tracked(len);
 
         // Step T5: append to the log; the link CAS fixes the seq.
         self.append(node);
@@ -771,17 +753,11 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         if self.index.remove(addr, oref) {
             self.after_index_removal(o, &guard);
         }
-        self.counters
-            .live_segments
-            .fetch_sub(1, StatOrdering::Relaxed);
-        self.counters
-            .live_bytes
-            .fetch_sub(o.len, StatOrdering::Relaxed);
+        self.counters.untracked(o.len);
 
         // Step U4: count the dead node; sweep the log once enough died.
         let unswept = self.counters.unswept.fetch_add(1, StatOrdering::Relaxed) + 1;
-        let live = self.counters.live_segments.load(StatOrdering::Relaxed);
-        if unswept > self.sweep_slack.max(live / 2) {
+        if self.counters.sweep_due(unswept, self.sweep_slack) {
             self.sweep(&guard);
         }
 
@@ -864,14 +840,14 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
 
     /// Hands an unreachable node to the reclaimer.
     fn retire(&self, o: &Node<W>, guard: &Guard) {
-        self.counters.retired.fetch_add(1, StatOrdering::Relaxed);
+        self.counters.retired();
         let p = o as *const Node<W> as *mut Node<W>;
         let counters = self.counters.clone();
         let free = move || {
             // SAFETY: retired exactly once, after it became unreachable;
             // made by `Box::into_raw`.
             drop(unsafe { Box::from_raw(p) });
-            counters.freed.fetch_add(1, StatOrdering::Relaxed);
+            counters.freed();
         };
         if self.faults.free_without_defer() {
             // Negative control: free now, whoever may still be reading.
@@ -1322,13 +1298,13 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         });
         let c = &self.counters;
         Stats {
-            live_segments: c.live_segments.load(StatOrdering::Relaxed),
-            live_bytes: c.live_bytes.load(StatOrdering::Relaxed),
+            live_segments: c.live_segments(),
+            live_bytes: c.live_bytes(),
             comms,
             nodes: NodeCounts {
-                allocated: c.allocated.load(StatOrdering::Relaxed),
-                retired: c.retired.load(StatOrdering::Relaxed),
-                freed: c.freed.load(StatOrdering::Relaxed),
+                allocated: c.allocated_total(),
+                retired: c.retired_total(),
+                freed: c.freed_total(),
                 in_log,
                 dead_in_log,
                 sweeps: c.sweeps.load(StatOrdering::Relaxed),
