@@ -55,6 +55,16 @@ pub trait AddressIndex: Send + Sync {
     /// The node at exactly `key`.
     fn get(&self, key: usize) -> Option<NodeRef>;
 
+    /// Finds the node at exactly `key` and calls `f` on it; if `f` returns
+    /// `true`, removes that very entry as [`remove`](Self::remove) would.
+    /// `None` if `key` is absent, else whether this call removed the entry.
+    /// An index that can remove through the entry it found overrides this
+    /// to save the second search.
+    fn get_then_remove(&self, key: usize, f: &mut dyn FnMut(NodeRef) -> bool) -> Option<bool> {
+        let node = self.get(key)?;
+        Some(f(node) && self.remove(key, node))
+    }
+
     /// The entry with the greatest key strictly below `key`.
     fn below(&self, key: usize) -> Option<(usize, NodeRef)>;
 
@@ -111,6 +121,14 @@ impl AddressIndex for SkipIndex {
     fn get(&self, key: usize) -> Option<NodeRef> {
         let guard = &epoch::pin();
         self.list.get(&key, guard).map(|e| *e.value())
+    }
+
+    fn get_then_remove(&self, key: usize, f: &mut dyn FnMut(NodeRef) -> bool) -> Option<bool> {
+        let guard = &epoch::pin();
+        let e = self.list.get(&key, guard)?;
+        // `Entry::remove` removes this entry only (by identity), and reports
+        // success to exactly one caller.
+        Some(f(*e.value()) && e.remove())
     }
 
     fn below(&self, key: usize) -> Option<(usize, NodeRef)> {

@@ -1,4 +1,4 @@
-//! The page map: containing-address lookups in O(1) (DESIGN.md §7a).
+//! The page map: containing-address lookups in O(1) (DESIGN.md, "Page map").
 //!
 //! A radix table keyed by the allocation granule (2 MiB by default, the
 //! granule of `ncclMemAlloc`), as allocators keep one (jemalloc's rtree,
@@ -199,7 +199,7 @@ impl PageMap {
             return Probe::Empty;
         };
         let slot = &leaf.entries[g & (FANOUT - 1)];
-        // SeqCst: the lookup argument (DESIGN.md §7a) orders this read in
+        // SeqCst: the lookup argument (DESIGN.md, "Page map") orders this read in
         // one total order with the publishers' and withdrawers' CASes and
         // the nodes' state changes.
         match slot.load(Ordering::SeqCst) {

@@ -121,7 +121,7 @@ impl<C, W> CommSlot<C, W> {
 /// ```
 pub struct Registry<C, W, I: AddressIndex = SkipIndex> {
     index: I,
-    /// Containing-address lookups in O(1) (DESIGN.md §7a).
+    /// Containing-address lookups in O(1) (DESIGN.md, "Page map").
     pages: PageMap,
     /// The log's sentinel head (seq 0, live forever, never in the index).
     head: *mut Node<W>,
@@ -587,7 +587,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             .publish(me.addr, me.end(), me as *const Node<W> as usize, |p| {
                 // SAFETY: a node read from a slot is not retired yet: it
                 // withdraws (U1a) before it leaves the index, and a pinned
-                // thread read it (DESIGN.md §7a).
+                // thread read it (DESIGN.md, "Page map").
                 let o = unsafe { &*(p as *const Node<W>) };
                 o.load_state().phase() == Phase::Dead
             });
@@ -723,34 +723,43 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
     /// registration pass still holds it (its memory must then wait).
     pub fn untrack(&self, addr: usize) -> Result<Untracked<'_, W>, UntrackError> {
         let guard = self.reclaimer.pin();
-        let oref = self.index.get(addr).ok_or(UntrackError::Unknown { addr })?;
-        // SAFETY: protected by the guard.
-        let o = unsafe { &*oref.as_ptr::<Node<W>>() };
+        // U1-U2 run on the entry the index found, which U3 then removes
+        // without searching again.
+        let mut killed: Option<(&Node<W>, bool, Vec<(CommId, W)>)> = None;
+        let removed = self
+            .index
+            .get_then_remove(addr, &mut |oref| {
+                // SAFETY: protected by the guard.
+                let o = unsafe { &*oref.as_ptr::<Node<W>>() };
+                // Step U1 (linearization point): Live -> Dead, taking a hold
+                // for the caller if a pass holds the segment.
+                let held = match o.update_state(|st| {
+                    let hold = if st.holds() > 0 { HOLD_ONE } else { 0 };
+                    (st.phase() == Phase::Live).then(|| State(st.with_phase(Phase::Dead).0 + hold))
+                }) {
+                    Ok(old) => old.holds() > 0,
+                    Err(_) => return false,
+                };
 
-        // Step U1 (linearization point): Live -> Dead, taking a hold for the
-        // caller if a pass holds the segment.
-        let killed = o.update_state(|st| {
-            let hold = if st.holds() > 0 { HOLD_ONE } else { 0 };
-            (st.phase() == Phase::Live).then(|| State(st.with_phase(Phase::Dead).0 + hold))
-        });
-        let held = match killed {
-            Ok(old) => old.holds() > 0,
-            Err(_) => return Err(UntrackError::Unknown { addr }),
+                // Step U1a: out of the page map, while still in the index
+                // (so that no slot ever names a retired node).
+                if !self.faults.skip_page_withdraw() {
+                    self.pages
+                        .withdraw(o.addr, o.end(), o as *const Node<W> as usize);
+                }
+
+                // Step U2: close the window list and claim what is there.
+                let mut windows = Vec::new();
+                o.get().records.close(&mut windows);
+                killed = Some((o, held, windows));
+                // Step U3: out of the index (by the caller of this closure).
+                true
+            })
+            .unwrap_or(false);
+        let Some((o, held, windows)) = killed else {
+            return Err(UntrackError::Unknown { addr });
         };
-
-        // Step U1a: out of the page map, while still in the index (so that
-        // no slot ever names a retired node).
-        if !self.faults.skip_page_withdraw() {
-            self.pages
-                .withdraw(o.addr, o.end(), o as *const Node<W> as usize);
-        }
-
-        // Step U2: close the window list and claim what is there.
-        let mut windows = Vec::new();
-        o.get().records.close(&mut windows);
-
-        // Step U3: out of the index.
-        if self.index.remove(addr, oref) {
+        if removed {
             self.after_index_removal(o, &guard);
         }
         self.counters.untracked(o.len);
@@ -956,10 +965,10 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             Probe::Empty => None,
             Probe::One(p) => {
                 // SAFETY: a node read from a slot by a pinned thread is not
-                // freed before the guard drops (DESIGN.md §7a).
+                // freed before the guard drops (DESIGN.md, "Page map").
                 let o = unsafe { &*(p as *const Node<W>) };
                 // Only live segments count; a dead or not yet live one
-                // means no segment contains `addr` now (DESIGN.md §7a).
+                // means no segment contains `addr` now (DESIGN.md, "Page map").
                 (o.addr <= addr && addr < o.end() && o.load_state().phase() == Phase::Live)
                     .then_some(o)
             }
