@@ -222,6 +222,14 @@ fn release_hold<W>(node: *const Node<W>, counters: &Counters) -> bool {
     last
 }
 
+/// What untrack's steps U1-U2 leave for the rest of it.
+struct Killed<'a, W> {
+    node: &'a Node<W>,
+    /// A pass held the segment at U1 (the caller got a hold too).
+    held: bool,
+    windows: Vec<(CommId, W)>,
+}
+
 /// A window that a pass hands back instead of recording it.
 #[derive(Debug)]
 #[must_use = "the window must be deregistered, then the hold released"]
@@ -725,7 +733,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         let guard = self.reclaimer.pin();
         // U1-U2 run on the entry the index found, which U3 then removes
         // without searching again.
-        let mut killed: Option<(&Node<W>, bool, Vec<(CommId, W)>)> = None;
+        let mut killed: Option<Killed<'_, W>> = None;
         let removed = self
             .index
             .get_then_remove(addr, &mut |oref| {
@@ -751,12 +759,21 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
                 // Step U2: close the window list and claim what is there.
                 let mut windows = Vec::new();
                 o.get().records.close(&mut windows);
-                killed = Some((o, held, windows));
+                killed = Some(Killed {
+                    node: o,
+                    held,
+                    windows,
+                });
                 // Step U3: out of the index (by the caller of this closure).
                 true
             })
             .unwrap_or(false);
-        let Some((o, held, windows)) = killed else {
+        let Some(Killed {
+            node: o,
+            held,
+            windows,
+        }) = killed
+        else {
             return Err(UntrackError::Unknown { addr });
         };
         if removed {
