@@ -168,15 +168,16 @@ impl PageMap {
         first: usize,
         last: usize,
         create: bool,
-        mut f: impl FnMut(&AtomicUsize),
+        mut f: impl FnMut(usize, &AtomicUsize),
     ) {
         let mut g = first;
         while g <= last {
             let run_end = (g | (FANOUT - 1)).min(last);
             match self.leaf(g, create) {
                 Some(t) => {
-                    for slot in &t.entries[g & (FANOUT - 1)..=run_end & (FANOUT - 1)] {
-                        f(slot);
+                    let slots = &t.entries[g & (FANOUT - 1)..=run_end & (FANOUT - 1)];
+                    for (slot, g) in slots.iter().zip(g..) {
+                        f(g, slot);
                     }
                 }
                 None => debug_assert!(false, "withdraw from a granule never published"),
@@ -223,7 +224,37 @@ impl PageMap {
         let Some((first, last)) = self.granules(addr, end) else {
             return;
         };
-        self.for_each_slot(first, last, true, |slot| {
+        let shift = self.shift.expect("granules() checked it");
+        self.for_each_slot(first, last, true, |g, slot| {
+            if g << shift >= addr && ((g + 1) << shift).wrapping_sub(1) < end {
+                // A granule the node covers whole: every committed segment
+                // that overlaps it overlaps the node, so none can be live
+                // or accepted (DESIGN.md, "Overlap"). What the slot holds
+                // is `0`, or dead nodes that have not withdrawn yet (whose
+                // withdrawal CAS will find this pointer and leave it): no
+                // read needed, and no RMW. Release: a reader that learns of
+                // the node through its state word (or the track's return)
+                // sees this store (DESIGN.md, "Page map").
+                #[cfg(not(feature = "loom"))]
+                slot.store(node, Ordering::Release);
+                // loom lets a CAS that races a plain store read a value the
+                // store had already replaced (tokio-rs/loom#254, #389;
+                // `loom-tests/tests/loom_gaps.rs` shows it), which would be
+                // a false alarm here; the same unconditional write as a CAS
+                // loop is modelled correctly.
+                #[cfg(feature = "loom")]
+                {
+                    // Relaxed: the value read is only the CAS's expectation.
+                    let mut cur = slot.load(Ordering::Relaxed);
+                    // Release: as the store above.
+                    while let Err(v) =
+                        slot.compare_exchange_weak(cur, node, Ordering::Release, Ordering::Relaxed)
+                    {
+                        cur = v;
+                    }
+                }
+                return;
+            }
             // SeqCst: see `probe`.
             let mut cur = slot.load(Ordering::SeqCst);
             loop {
@@ -250,7 +281,7 @@ impl PageMap {
         let Some((first, last)) = self.granules(addr, end) else {
             return;
         };
-        self.for_each_slot(first, last, false, |slot| {
+        self.for_each_slot(first, last, false, |_, slot| {
             // SeqCst: see `probe`.
             let mut cur = slot.load(Ordering::SeqCst);
             loop {
