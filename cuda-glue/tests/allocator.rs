@@ -1251,12 +1251,21 @@ fn window_of_raw_under_attach_detach_churn() {
     let returned: Mutex<HashSet<(RawComm, Window)>> = Mutex::default();
     thread::scope(|s| {
         s.spawn(|| {
-            for i in 0..400 {
+            // At least 400 cycles, and on until the lookups have seen both
+            // answers (a loaded machine may not schedule the lookup thread
+            // at first), within a bound.
+            let start = std::time::Instant::now();
+            let mut i = 0;
+            while i < 400
+                || (found.load(Ordering::Relaxed) == 0 || unknown.load(Ordering::Relaxed) == 0)
+                    && start.elapsed() < std::time::Duration::from_secs(20)
+            {
                 let raw = raws[i % 2];
                 let c = al.attach(raw).unwrap();
                 al.register(c).unwrap();
                 thread::yield_now();
                 al.detach(c).unwrap();
+                i += 1;
             }
             done.store(true, Ordering::SeqCst);
         });
