@@ -9,9 +9,6 @@
 //! than exist. `vendor/loom` (loom 0.7.3 plus `vendor/loom/dpor.patch`)
 //! keeps the last access per thread and passes these probes (the workspace
 //! patches loom with it, RESULTS.md).
-//!
-//! A third probe shows a loom bug that is not fixed: a CAS racing a plain
-//! store may read a value the store already replaced (see its comment).
 #![cfg(feature = "loom")]
 
 use std::collections::BTreeSet;
@@ -70,38 +67,4 @@ fn spawned_thread_that_loads_first_is_explored() {
         BTreeSet::from([false, true]),
         "loom missed an interleaving"
     );
-}
-
-/// loom 0.7.3 (stock and as vendored here) lets a CAS that races a plain
-/// store succeed on the value the store had already replaced: the final
-/// load, after both threads are joined, reads the CAS's 0 although the
-/// store of 2 must come after the CAS in the modification order (the CAS
-/// read 1, the initial value). C++ forbids it (tokio-rs/loom#254, #389).
-/// The page map's plain store for whole granules is therefore modelled as
-/// a CAS loop under loom (`registry/src/pagemap.rs`). This probe asserts the
-/// impossible outcome *does* happen, so that it starts failing when loom is
-/// fixed, and the workaround can go.
-#[test]
-#[should_panic(expected = "loom let a CAS read a value a store had replaced")]
-fn loom_mis_orders_a_plain_store_against_a_racing_cas() {
-    use loom::sync::atomic::{AtomicUsize, Ordering};
-    use loom::sync::Arc;
-    loom::model(|| {
-        let s = Arc::new(AtomicUsize::new(1));
-        let s2 = s.clone();
-        let a = loom::thread::spawn(move || {
-            s2.compare_exchange(1, 0, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-        });
-        s.store(2, Ordering::Release);
-        let cas_won = a.join().unwrap();
-        // Whether or not the CAS won, the store is last in the modification
-        // order once both are done (a winning CAS read 1, so it came
-        // before the store): the final value is 2.
-        let last = s.load(Ordering::SeqCst);
-        assert!(
-            last == 2,
-            "loom let a CAS read a value a store had replaced (CAS won: {cas_won}, final {last})"
-        );
-    });
 }

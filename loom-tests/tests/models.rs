@@ -1308,3 +1308,132 @@ fn model9_negative_late_page_publish_misses_a_registered_segment() {
         || page_map_races_address_reuse(faults(|f| f.late_page_publish = true), STRIDE),
     );
 }
+
+// --------------------------------------------------------------------------
+// Model 10: a slot never names a retired node.
+// --------------------------------------------------------------------------
+
+/// W, V, T, T2 tracked; sweeps on (`with_sweep_slack(0)`). One thread
+/// untracks W; another tracks a range at W's address that overlaps V (so it
+/// is always rejected, but its insert may meet W dead and take W out of the
+/// index before W's untrack has withdrawn it from the page map); a third
+/// untracks T and T2 (which sweeps) and then looks W's address up, while
+/// the main thread waits (so each of those switches is free, and the
+/// three-thread race fits the preemption bound).
+///
+/// * no node is read after it could have been freed (model reclaimer);
+/// * the lookup finds W or nothing;
+/// * the overlapping track is refused.
+fn page_map_slot_outlives_index_removal(faults: Faults) {
+    let reg = sweeping_registry(faults);
+    let w = reg.track(slot_addr(0), STRIDE).unwrap();
+    let _v = reg.track(slot_addr(1), STRIDE).unwrap();
+    let t = reg.track(slot_addr(2), STRIDE).unwrap();
+    let t2 = reg.track(slot_addr(3), STRIDE).unwrap();
+    let hu = {
+        let reg = reg.clone();
+        thread::spawn(move || drop(reg.untrack(w.addr).expect("W is tracked")))
+    };
+    let hx = {
+        let reg = reg.clone();
+        thread::spawn(move || reg.track(slot_addr(0), 2 * STRIDE).is_err())
+    };
+    let hs = {
+        let reg = reg.clone();
+        thread::spawn(move || {
+            drop(reg.untrack(t.addr).expect("T is tracked"));
+            drop(reg.untrack(t2.addr).expect("T2 is tracked"));
+            reg.find(slot_addr(0) + 8)
+        })
+    };
+    hu.join().unwrap();
+    let refused = hx.join().unwrap();
+    let found = hs.join().unwrap();
+    assert!(refused, "a track overlapping a live segment was accepted");
+    assert!(
+        found.is_none() || found == Some(w),
+        "a stranger was found: {found:?}"
+    );
+    assert_eq!(reg.find(slot_addr(0)), None);
+}
+
+static RUNS_10: AtomicUsize = AtomicUsize::new(0);
+#[test]
+fn model10_page_map_slot_outlives_index_removal() {
+    Model::new("10 slot outlives index removal", 3)
+        .max_branches(20_000)
+        .check(&RUNS_10, || {
+            page_map_slot_outlives_index_removal(Faults::NONE)
+        });
+}
+
+static RUNS_10N: AtomicUsize = AtomicUsize::new(0);
+#[test]
+#[should_panic(expected = "access to a reclaimed node")]
+fn model10_negative_skip_page_withdraw_leaves_a_slot_naming_a_freed_node() {
+    Model::new("10- skip page withdraw", 3)
+        .max_branches(20_000)
+        .check_fails(&RUNS_10N, "access to a reclaimed node", || {
+            page_map_slot_outlives_index_removal(faults(|f| f.skip_page_withdraw = true))
+        });
+}
+
+// --------------------------------------------------------------------------
+// Model 11: counts stay exact when a late withdrawal meets a new sharer.
+// --------------------------------------------------------------------------
+
+/// Page granule of four strides. M and K share a granule (count 2); K
+/// leaves (count 1). One thread untracks M while the main thread tracks Y
+/// over the whole granule (possible once M is dead), untracks it, tracks P
+/// and Q in the granule and untracks Q; M's withdrawal may run at any point
+/// of that, or stall in the middle.
+///
+/// * once everything is done, P (live throughout its part) is found.
+fn page_map_count_survives_a_late_withdraw(faults: Faults) {
+    let reg = Arc::new(new_registry(faults).with_page_granule(4 * STRIDE));
+    let m = reg.track(slot_addr(0), STRIDE).unwrap();
+    let k = reg.track(slot_addr(1), STRIDE).unwrap();
+    drop(reg.untrack(k.addr).unwrap());
+    let hm = {
+        let reg = reg.clone();
+        thread::spawn(move || drop(reg.untrack(m.addr).expect("M is tracked")))
+    };
+    // Y (and P, which overlaps M) can be tracked only once M is dead.
+    let Ok(y) = reg.track(slot_addr(0), 4 * STRIDE) else {
+        hm.join().unwrap();
+        return;
+    };
+    drop(reg.untrack(y.addr).unwrap());
+    let p = reg.track(slot_addr(0), STRIDE).unwrap();
+    let q = reg.track(slot_addr(1), STRIDE).unwrap();
+    drop(reg.untrack(q.addr).unwrap());
+    hm.join().unwrap();
+    assert_eq!(
+        reg.find(slot_addr(0) + 8),
+        Some(p),
+        "a live segment was not found after its neighbours left"
+    );
+}
+
+static RUNS_11: AtomicUsize = AtomicUsize::new(0);
+#[test]
+fn model11_page_map_count_survives_a_late_withdraw() {
+    Model::new("11 count survives a late withdraw", 3)
+        .max_branches(20_000)
+        .check(&RUNS_11, || {
+            page_map_count_survives_a_late_withdraw(Faults::NONE)
+        });
+}
+
+static RUNS_11N: AtomicUsize = AtomicUsize::new(0);
+#[test]
+#[should_panic(expected = "a live segment was not found after its neighbours left")]
+fn model11_negative_page_overwrite_loses_a_live_segment() {
+    Model::new("11- page overwrite", 3)
+        .max_branches(20_000)
+        .check_fails(
+            &RUNS_11N,
+            "a live segment was not found after its neighbours left",
+            || page_map_count_survives_a_late_withdraw(faults(|f| f.page_overwrite = true)),
+        );
+}

@@ -44,9 +44,10 @@ pub(crate) struct Counters {
     /// Dead nodes that became sweepable since the last sweep (decides when
     /// untrack sweeps; one shared word, reset by each sweep).
     pub(crate) unswept: AtomicUsize,
-    /// The sweep threshold `max(slack, live / 2)` as last computed (see
-    /// [`sweep_due`](Self::sweep_due)).
+    /// The sweep threshold `max(slack, live / 2)` as last computed, and the
+    /// unswept count it was computed at (see [`sweep_due`](Self::sweep_due)).
     threshold: AtomicUsize,
+    checked_at: AtomicUsize,
     /// Sweeps run.
     pub(crate) sweeps: AtomicU64,
     /// Log nodes visited by passes.
@@ -70,20 +71,33 @@ impl Counters {
     /// memory").
     ///
     /// Adding up the live count reads every shard, so it is done only while
-    /// `unswept` is at most 64, when it passes the last threshold computed,
-    /// and on every 64th; in between the last threshold stands in for the
-    /// exact one. That threshold is stale only if the live count fell since,
-    /// so a sweep comes at most 63 untracks later than the exact rule says.
+    /// `unswept` is at most 64, once it passes the last threshold computed,
+    /// and once it is 64 past the count that threshold was computed at
+    /// (other increments, from hold releases and unpins, do not check, so
+    /// "every 64th" is measured, not hit exactly). In between the last
+    /// threshold stands in; it is stale only if the live count fell since,
+    /// so a sweep comes at most 64 untracks later than the exact rule says.
     pub(crate) fn sweep_due(&self, unswept: usize, slack: usize) -> bool {
         if unswept <= slack {
             return false;
         }
-        if unswept > 64 && unswept <= self.threshold.load(Relaxed) && unswept % 64 != 0 {
+        if unswept > 64
+            && unswept <= self.threshold.load(Relaxed)
+            && unswept < self.checked_at.load(Relaxed).saturating_add(64)
+        {
             return false;
         }
         let threshold = slack.max(self.live_segments() / 2);
         self.threshold.store(threshold, Relaxed);
+        self.checked_at.store(unswept, Relaxed);
         unswept > threshold
+    }
+
+    /// A sweep starts: the unswept count starts again from zero.
+    pub(crate) fn sweep_started(&self) {
+        self.unswept.store(0, Relaxed);
+        self.checked_at.store(0, Relaxed);
+        self.sweeps.fetch_add(1, Relaxed);
     }
 
     /// A node was allocated.
@@ -130,9 +144,16 @@ impl Counters {
         self.sum(|s| s.freed.load(Relaxed))
     }
 
-    /// Live segments now.
+    /// Live segments now. The shards are read one by one, so a track and
+    /// its untrack on two threads can be seen as untrack only: a sum that
+    /// wrapped below zero reads as 0.
     pub(crate) fn live_segments(&self) -> usize {
-        self.wrapping_sum(|s| &s.live_segments)
+        let n = self.wrapping_sum(|s| &s.live_segments);
+        if n > usize::MAX / 2 {
+            0
+        } else {
+            n
+        }
     }
 
     /// Bytes in live segments now.

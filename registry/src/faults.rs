@@ -36,6 +36,10 @@ pub struct Faults {
     /// `untrack` leaves the segment in the page map: its slots go on naming
     /// the node after it is freed.
     pub skip_page_withdraw: bool,
+    /// A publish that covers a granule whole overwrites whatever the slot
+    /// holds (a count of dead sharers included) instead of adding itself: a
+    /// late withdrawal of a sharer then empties the slot of a live segment.
+    pub page_overwrite: bool,
 }
 
 #[cfg(feature = "test-support")]
@@ -49,6 +53,7 @@ impl Faults {
         unchecked_lookup: false,
         late_page_publish: false,
         skip_page_withdraw: false,
+        page_overwrite: false,
     };
 }
 
@@ -107,6 +112,14 @@ impl Switches {
     pub(crate) fn skip_page_withdraw(&self) -> bool {
         #[cfg(feature = "test-support")]
         return self.0.skip_page_withdraw;
+        #[cfg(not(feature = "test-support"))]
+        false
+    }
+
+    #[inline(always)]
+    pub(crate) fn page_overwrite(&self) -> bool {
+        #[cfg(feature = "test-support")]
+        return self.0.page_overwrite;
         #[cfg(not(feature = "test-support"))]
         false
     }

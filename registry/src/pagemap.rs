@@ -8,13 +8,15 @@
 //! | slot value | meaning |
 //! | --- | --- |
 //! | `0` | no committed segment overlaps the granule |
-//! | a node pointer | that node's segment is the only one (or that node is dead and a newer one may replace it) |
+//! | a node pointer | that node's segment is the only one (the node may be dead, not yet withdrawn) |
 //! | `(k << 1) \| 1` | k ≥ 1 segments overlap it (unaligned segments sharing a granule): ask the skiplist |
 //!
 //! A segment publishes itself in every granule it overlaps after its track
 //! commits and before it can become live, and withdraws after its untrack
-//! made it dead and before it leaves the index (so a pointer read from a
-//! slot by a pinned thread is never freed under it). The skiplist stays the
+//! made it dead; the sweeper does not retire a node before its withdrawal
+//! (the state word's `WITHDRAWN` bit), so a pointer read from a slot by a
+//! pinned thread is never freed under it. Only a node adds or removes its
+//! own share of a slot, so counts are exact. The skiplist stays the
 //! authority on order and overlap; the map only answers "which segment
 //! contains this address".
 //!
@@ -211,48 +213,23 @@ impl PageMap {
     }
 
     /// Publishes `node` (covering `[addr, end)`) in every granule it
-    /// overlaps. `stale(p)` says whether the node at `p` is dead, so that a
-    /// sole pointer to it may be replaced. The caller is pinned.
-    pub(crate) fn publish(
-        &self,
-        addr: usize,
-        end: usize,
-        node: usize,
-        stale: impl Fn(usize) -> bool,
-    ) {
+    /// overlaps: an empty slot becomes `node`, a slot naming another node
+    /// becomes a count of 2, a count grows by one. Every slot therefore
+    /// counts exactly the nodes that published there and have not withdrawn
+    /// (dead ones included): only a node itself adds or removes its share.
+    ///
+    /// `overwrite_whole` is the `page_overwrite` negative control: a granule
+    /// the node covers whole is overwritten instead.
+    pub(crate) fn publish(&self, addr: usize, end: usize, node: usize, overwrite_whole: bool) {
         debug_assert!(node != 0 && !is_count(node));
         let Some((first, last)) = self.granules(addr, end) else {
             return;
         };
         let shift = self.shift.expect("granules() checked it");
         self.for_each_slot(first, last, true, |g, slot| {
-            if g << shift >= addr && ((g + 1) << shift).wrapping_sub(1) < end {
-                // A granule the node covers whole: every committed segment
-                // that overlaps it overlaps the node, so none can be live
-                // or accepted (DESIGN.md, "Overlap"). What the slot holds
-                // is `0`, or dead nodes that have not withdrawn yet (whose
-                // withdrawal CAS will find this pointer and leave it): no
-                // read needed, and no RMW. Release: a reader that learns of
-                // the node through its state word (or the track's return)
-                // sees this store (DESIGN.md, "Page map").
-                #[cfg(not(feature = "loom"))]
-                slot.store(node, Ordering::Release);
-                // loom lets a CAS that races a plain store read a value the
-                // store had already replaced (tokio-rs/loom#254, #389;
-                // `loom-tests/tests/loom_gaps.rs` shows it), which would be
-                // a false alarm here; the same unconditional write as a CAS
-                // loop is modelled correctly.
-                #[cfg(feature = "loom")]
-                {
-                    // Relaxed: the value read is only the CAS's expectation.
-                    let mut cur = slot.load(Ordering::Relaxed);
-                    // Release: as the store above.
-                    while let Err(v) =
-                        slot.compare_exchange_weak(cur, node, Ordering::Release, Ordering::Relaxed)
-                    {
-                        cur = v;
-                    }
-                }
+            if overwrite_whole && g << shift >= addr && ((g + 1) << shift).wrapping_sub(1) < end {
+                // SeqCst: see `probe`.
+                slot.store(node, Ordering::SeqCst);
                 return;
             }
             // SeqCst: see `probe`.
@@ -261,7 +238,6 @@ impl PageMap {
                 let new = match cur {
                     0 => node,
                     v if is_count(v) => count((v >> 1) + 1),
-                    p if stale(p) => node,
                     _ => count(2),
                 };
                 // SeqCst: see `probe`; on failure we retry with the value.
@@ -274,9 +250,8 @@ impl PageMap {
     }
 
     /// Withdraws `node` (covering `[addr, end)`) from every granule it
-    /// overlaps: a sole pointer to it becomes empty, a count drops by one;
-    /// a slot that holds another node's pointer means that node replaced
-    /// this one (dead) already.
+    /// overlaps: a slot naming it becomes empty, a count drops by one (a
+    /// count of one becomes empty). Called once per published node.
     pub(crate) fn withdraw(&self, addr: usize, end: usize, node: usize) {
         let Some((first, last)) = self.granules(addr, end) else {
             return;
@@ -289,7 +264,9 @@ impl PageMap {
                     v if v == node => 0,
                     v if is_count(v) && v >> 1 == 1 => 0,
                     v if is_count(v) => count((v >> 1) - 1),
-                    _ => break, // replaced by a newer segment
+                    // Empty, or another node alone: our share is not there,
+                    // which only the `page_overwrite` control can cause.
+                    _ => break,
                 };
                 // SeqCst: see `probe`; on failure we retry with the value.
                 match slot.compare_exchange_weak(cur, new, Ordering::SeqCst, Ordering::SeqCst) {
@@ -332,13 +309,13 @@ mod tests {
         let m = PageMap::new(G);
         assert_eq!(m.probe(5 * G), Probe::Empty);
         // A segment of three granules.
-        m.publish(4 * G, 7 * G, 0x1000, |_| false);
+        m.publish(4 * G, 7 * G, 0x1000, false);
         for g in 4..7 {
             assert_eq!(m.probe(g * G + 17), Probe::One(0x1000));
         }
         assert_eq!(m.probe(7 * G), Probe::Empty);
         // A second segment sharing granule 6 (unaligned): a count.
-        m.publish(6 * G + 64, 8 * G, 0x2000, |_| false);
+        m.publish(6 * G + 64, 8 * G, 0x2000, false);
         assert_eq!(m.probe(6 * G), Probe::Ask);
         assert_eq!(m.probe(7 * G), Probe::One(0x2000));
         m.withdraw(4 * G, 7 * G, 0x1000);
@@ -347,19 +324,22 @@ mod tests {
         m.withdraw(6 * G + 64, 8 * G, 0x2000);
         assert_eq!(m.probe(6 * G), Probe::Empty);
         assert_eq!(m.probe(7 * G), Probe::Empty);
-        // A dead sole node is replaced; its late withdraw leaves the new one.
-        m.publish(G, 2 * G, 0x3000, |_| false);
-        m.publish(G, 2 * G, 0x4000, |p| p == 0x3000);
-        assert_eq!(m.probe(G), Probe::One(0x4000));
+        // A node whose predecessor at the same address has not withdrawn
+        // yet is counted with it; the count empties only when both left.
+        m.publish(G, 2 * G, 0x3000, false);
+        m.publish(G, 2 * G, 0x4000, false);
+        assert_eq!(m.probe(G), Probe::Ask);
         m.withdraw(G, 2 * G, 0x3000);
-        assert_eq!(m.probe(G), Probe::One(0x4000));
+        assert_eq!(m.probe(G), Probe::Ask, "count 1: identity unknown");
+        m.withdraw(G, 2 * G, 0x4000);
+        assert_eq!(m.probe(G), Probe::Empty);
     }
 
     #[test]
     fn a_segment_across_last_level_tables() {
         let m = PageMap::new(G);
         let (first, last) = (FANOUT - 2, 2 * FANOUT + 1);
-        m.publish(first * G, (last + 1) * G, 0x1000, |_| false);
+        m.publish(first * G, (last + 1) * G, 0x1000, false);
         for g in first..=last {
             assert_eq!(m.probe(g * G), Probe::One(0x1000), "granule {g}");
         }
@@ -375,14 +355,14 @@ mod tests {
     fn beyond_the_map_and_off() {
         let m = PageMap::new(G);
         let top = G << (LEVEL_BITS * LEVELS);
-        m.publish(top, top + G, 0x1000, |_| false);
+        m.publish(top, top + G, 0x1000, false);
         assert_eq!(m.probe(top), Probe::Ask);
         // A segment straddling the limit is published below it only.
-        m.publish(top - G, top + G, 0x2000, |_| false);
+        m.publish(top - G, top + G, 0x2000, false);
         assert_eq!(m.probe(top - 1), Probe::One(0x2000));
         assert_eq!(m.probe(usize::MAX), Probe::Ask);
         let off = PageMap::new(0);
-        off.publish(0, G, 0x1000, |_| false);
+        off.publish(0, G, 0x1000, false);
         assert_eq!(off.probe(0), Probe::Ask);
         assert_eq!(off.granule(), 0);
         assert_eq!(PageMap::new(3 << 20).granule(), 4 << 20, "rounded up");

@@ -14,7 +14,7 @@ use crate::faults::Switches;
 use crate::index::{AddressIndex, NodeRef, SkipIndex};
 use crate::node::{untag, Node, Registration, MARK};
 use crate::pagemap::{PageMap, Probe, DEFAULT_PAGE_GRANULE};
-use crate::state::{Phase, State, HOLD_ONE, IN_INDEX, PIN_ONE, UNLINKED};
+use crate::state::{Phase, State, HOLD_ONE, IN_INDEX, PIN_ONE, UNLINKED, WITHDRAWN};
 use crate::sync::{fence, Arc, AtomicPtr, AtomicU64, Guard, Ordering, Reclaimer, RwLock};
 use crate::{CommId, Segment};
 
@@ -446,7 +446,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             // SAFETY: protected by the guard.
             let o = unsafe { &*p };
             if o.load_state().is_committed() {
-                pages.publish(o.addr, o.end(), p as usize, |_| false);
+                pages.publish(o.addr, o.end(), p as usize, false);
             }
             true
         });
@@ -587,18 +587,14 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         Ok(me.segment())
     }
 
-    /// Step T4a: publishes a committed node in the page map; a dead node
-    /// still published in a slot it had to itself is replaced. The caller
-    /// is pinned.
+    /// Step T4a: publishes a committed node in the page map.
     fn publish_pages(&self, me: &Node<W>) {
-        self.pages
-            .publish(me.addr, me.end(), me as *const Node<W> as usize, |p| {
-                // SAFETY: a node read from a slot is not retired yet: it
-                // withdraws (U1a) before it leaves the index, and a pinned
-                // thread read it (DESIGN.md, "Page map").
-                let o = unsafe { &*(p as *const Node<W>) };
-                o.load_state().phase() == Phase::Dead
-            });
+        self.pages.publish(
+            me.addr,
+            me.end(),
+            me as *const Node<W> as usize,
+            self.faults.page_overwrite(),
+        );
     }
 
     /// Walks every index entry that may overlap `me` and settles each pair.
@@ -749,12 +745,14 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
                     Err(_) => return false,
                 };
 
-                // Step U1a: out of the page map, while still in the index
-                // (so that no slot ever names a retired node).
+                // Step U1a: out of the page map; only then may a sweep
+                // retire the node (`WITHDRAWN`), so no slot ever names a
+                // retired node. SeqCst: the sweeper's claim CAS reads it.
                 if !self.faults.skip_page_withdraw() {
                     self.pages
                         .withdraw(o.addr, o.end(), o as *const Node<W> as usize);
                 }
+                o.get().state.fetch_or(WITHDRAWN, Ordering::SeqCst);
 
                 // Step U2: close the window list and claim what is there.
                 let mut windows = Vec::new();
@@ -804,8 +802,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
     /// predecessor was being unlinked too), a later sweep finishes the job.
     /// A sweeper that is descheduled therefore delays nobody.
     fn sweep(&self, guard: &Guard) {
-        self.counters.unswept.store(0, StatOrdering::Relaxed);
-        self.counters.sweeps.fetch_add(1, StatOrdering::Relaxed);
+        self.counters.sweep_started();
         // Up to the last node of now, not of whenever we get there: appends
         // keep moving the end, and a sweep must be bounded.
         let stop = self.last_node();

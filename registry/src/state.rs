@@ -30,6 +30,11 @@ const PHASE_MASK: u64 = 0b111;
 pub(crate) const IN_INDEX: u64 = 1 << 3;
 /// Set once the node has been unlinked from the log (final).
 pub(crate) const UNLINKED: u64 = 1 << 4;
+/// Set by untrack once it has withdrawn the node from the page map (U1a):
+/// until then a slot may still name the node, so it must not be retired
+/// (it may already be out of the index: a track at its address removes a
+/// dead entry it meets).
+pub(crate) const WITHDRAWN: u64 = 1 << 5;
 /// One hold: a pass (or an untrack caller) that still needs the segment.
 pub(crate) const HOLD_ONE: u64 = 1 << 8;
 const HOLD_MASK: u64 = 0xff_ffff << 8;
@@ -85,9 +90,11 @@ impl State {
     }
 
     /// Whether the sweeper may unlink the node from the log: untracked,
-    /// out of the index, held by no pass and pinned by no watermark.
+    /// out of the page map and the index, held by no pass and pinned by no
+    /// watermark.
     pub(crate) fn is_sweepable(self) -> bool {
         self.phase() == Phase::Dead
+            && self.has(WITHDRAWN)
             && !self.has(IN_INDEX)
             && !self.has(UNLINKED)
             && self.holds() == 0
@@ -99,9 +106,14 @@ impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "State({:?}{}{} holds={} pins={})",
+            "State({:?}{}{}{} holds={} pins={})",
             self.phase(),
             if self.has(IN_INDEX) { " in-index" } else { "" },
+            if self.has(WITHDRAWN) {
+                " withdrawn"
+            } else {
+                ""
+            },
             if self.has(UNLINKED) { " unlinked" } else { "" },
             self.holds(),
             self.pins()
@@ -123,6 +135,7 @@ mod tests {
         assert!(!s.has(UNLINKED));
         assert!(!s.is_sweepable());
         let s = State((s.0 & !IN_INDEX) - 3 * HOLD_ONE - 2 * PIN_ONE);
-        assert!(s.is_sweepable());
+        assert!(!s.is_sweepable(), "still in the page map");
+        assert!(State(s.0 | WITHDRAWN).is_sweepable());
     }
 }
