@@ -127,6 +127,33 @@ mod mt {
     /// The two mixes: name and percentage of lookups.
     const MIXES: [(&str, usize); 2] = [("read-mostly", 75), ("churn-heavy", 50)];
 
+    /// Runs `threads` copies of `worker` for `secs` and returns the sum of
+    /// what they return, and the seconds they ran. Each worker gets its
+    /// index, waits on the barrier once its set-up is done, and runs until
+    /// the flag is set.
+    fn timed<W>(threads: usize, secs: f64, worker: W) -> (u64, f64)
+    where
+        W: Fn(usize, &Barrier, &AtomicBool) -> u64 + Sync,
+    {
+        let stop = AtomicBool::new(false);
+        let start = Barrier::new(threads + 1);
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (stop, start, worker) = (&stop, &start, &worker);
+                    s.spawn(move || worker(t, start, stop))
+                })
+                .collect();
+            start.wait();
+            let t0 = Instant::now();
+            std::thread::sleep(Duration::from_secs_f64(secs));
+            // Relaxed: a stop request; nothing is published by it.
+            stop.store(true, Ordering::Relaxed);
+            let done: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+            (done, t0.elapsed().as_secs_f64())
+        })
+    }
+
     /// Runs `threads` workers on `m` for `secs`; returns (ops, seconds).
     fn throughput<M: SegmentMap>(
         m: &M,
@@ -135,43 +162,27 @@ mod mt {
         lookup_pct: usize,
         secs: f64,
     ) -> (u64, f64) {
-        let stop = AtomicBool::new(false);
-        let start = Barrier::new(threads + 1);
-        std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads)
-                .map(|t| {
-                    let (stop, start) = (&stop, &start);
-                    s.spawn(move || {
-                        let owned: Vec<(usize, usize)> =
-                            slots.iter().copied().skip(t).step_by(threads).collect();
-                        let probes = probes(slots, 4096, SEED ^ (t as u64 + 1));
-                        let mut rng = Rng::new(SEED.wrapping_mul(t as u64 + 7));
-                        let mut ops = 0u64;
-                        let mut p = 0usize;
-                        start.wait();
-                        // Relaxed: a stop request; nothing is published by it.
-                        while !stop.load(Ordering::Relaxed) {
-                            if rng.below(100) < lookup_pct || owned.is_empty() {
-                                black_box(m.lookup(probes[p & 4095]));
-                                p = p.wrapping_add(1);
-                            } else {
-                                let (a, l) = owned[rng.below(owned.len())];
-                                let ok = m.untrack(a) & m.track(a, l);
-                                assert!(ok, "{}: churn refused", M::NAME);
-                            }
-                            ops += 1;
-                        }
-                        ops
-                    })
-                })
-                .collect();
+        timed(threads, secs, |t, start, stop| {
+            let owned: Vec<(usize, usize)> =
+                slots.iter().copied().skip(t).step_by(threads).collect();
+            let probes = probes(slots, 4096, SEED ^ (t as u64 + 1));
+            let mut rng = Rng::new(SEED.wrapping_mul(t as u64 + 7));
+            let mut ops = 0u64;
+            let mut p = 0usize;
             start.wait();
-            let t0 = Instant::now();
-            std::thread::sleep(Duration::from_secs_f64(secs));
-            // Relaxed: see the workers' load.
-            stop.store(true, Ordering::Relaxed);
-            let ops: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
-            (ops, t0.elapsed().as_secs_f64())
+            // Relaxed: a stop request; nothing is published by it.
+            while !stop.load(Ordering::Relaxed) {
+                if rng.below(100) < lookup_pct || owned.is_empty() {
+                    black_box(m.lookup(probes[p & 4095]));
+                    p = p.wrapping_add(1);
+                } else {
+                    let (a, l) = owned[rng.below(owned.len())];
+                    let ok = m.untrack(a) & m.track(a, l);
+                    assert!(ok, "{}: churn refused", M::NAME);
+                }
+                ops += 1;
+            }
+            ops
         })
     }
 
@@ -308,39 +319,23 @@ mod mt {
     ) -> (u64, f64) {
         /// Lookups between two looks at the stop flag.
         const CHUNK: usize = 64;
-        let stop = AtomicBool::new(false);
-        let start = Barrier::new(threads + 1);
-        std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads)
-                .map(|t| {
-                    let (stop, start) = (&stop, &start);
-                    s.spawn(move || {
-                        let probes = range_probes(slots, 4096, SEED ^ (t as u64 + 200));
-                        let (mut lookups, mut misses) = (0u64, 0u64);
-                        let mut p = 0usize;
-                        start.wait();
-                        // Relaxed: a stop request; nothing is published by it.
-                        while !stop.load(Ordering::Relaxed) {
-                            for _ in 0..CHUNK {
-                                let (a, size) = probes[p & 4095];
-                                p = p.wrapping_add(1);
-                                let found = m.window_of(comm, black_box(a), black_box(size));
-                                misses += u64::from(black_box(found).is_none());
-                            }
-                            lookups += CHUNK as u64;
-                        }
-                        assert_eq!(misses, 0, "{}: window lookups missed", M::NAME);
-                        lookups
-                    })
-                })
-                .collect();
+        timed(threads, secs, |t, start, stop| {
+            let probes = range_probes(slots, 4096, SEED ^ (t as u64 + 200));
+            let (mut lookups, mut misses) = (0u64, 0u64);
+            let mut p = 0usize;
             start.wait();
-            let t0 = Instant::now();
-            std::thread::sleep(Duration::from_secs_f64(secs));
-            // Relaxed: see the workers' load.
-            stop.store(true, Ordering::Relaxed);
-            let lookups: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
-            (lookups, t0.elapsed().as_secs_f64())
+            // Relaxed: a stop request; nothing is published by it.
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..CHUNK {
+                    let (a, size) = probes[p & 4095];
+                    p = p.wrapping_add(1);
+                    let found = m.window_of(comm, black_box(a), black_box(size));
+                    misses += u64::from(black_box(found).is_none());
+                }
+                lookups += CHUNK as u64;
+            }
+            assert_eq!(misses, 0, "{}: window lookups missed", M::NAME);
+            lookups
         })
     }
 
