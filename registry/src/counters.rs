@@ -1,30 +1,45 @@
 //! The registry's statistics: live segments and bytes, and the node counts
 //! that tests and the soak read.
 //!
-//! They are statistics, outside the protocol: plain `std` atomics with
-//! Relaxed ordering (nothing is ordered by them), even under loom. The
-//! counters every track and untrack bumps are sharded by thread, each shard
-//! on its own cache line, so that threads churning at once do not all
-//! write one line; readers add the shards up (weakly consistent, exact once
-//! the registry is quiescent).
+//! They are statistics, outside the protocol: plain `std` atomics, even
+//! under loom, ordering no decision of the protocol. The counters every
+//! track and untrack bumps are sharded by thread, each shard on its own
+//! cache line, so that threads churning at once do not all write one line;
+//! readers add the shards up (weakly consistent, exact once the registry is
+//! quiescent, and never below zero: see `Counters::live`).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64, AtomicUsize,
+    Ordering::{Acquire, Relaxed, Release},
+};
 
 /// Shards of the hot counters (a power of two).
 const SHARDS: usize = 16;
 
 /// One thread's share of the hot counters, alone on its cache line (two
 /// lines: adjacent-line prefetch pairs them on x86).
+///
+/// Live segments and bytes are kept as two counts that only grow (modulo
+/// 2^64): what was tracked and what was untracked through this shard. A
+/// thread may untrack what another tracked, so a single "live" count per
+/// shard would go below zero on one shard and be made up on another, and a
+/// reader adding the shards up one by one could catch the untrack without
+/// its track (DESIGN.md, "Counters").
 #[derive(Default)]
 #[repr(align(128))]
 struct Shard {
     allocated: AtomicU64,
     retired: AtomicU64,
     freed: AtomicU64,
-    /// Wrapping: a thread may untrack what another tracked, so one shard
-    /// can go "below zero"; the wrapping sum of all shards is exact.
-    live_segments: AtomicUsize,
-    live_bytes: AtomicUsize,
+    segments: Flow,
+    bytes: Flow,
+}
+
+/// What came in and what went out through one shard, each modulo 2^64.
+#[derive(Default)]
+struct Flow {
+    tracked: AtomicUsize,
+    untracked: AtomicUsize,
 }
 
 /// The shard of the calling thread: threads are numbered in the order they
@@ -118,15 +133,20 @@ impl Counters {
     /// A segment of `len` bytes became tracked.
     pub(crate) fn tracked(&self, len: usize) {
         let s = self.mine();
-        s.live_segments.fetch_add(1, Relaxed);
-        s.live_bytes.fetch_add(len, Relaxed);
+        // Relaxed: the untrack that follows this track is ordered after it
+        // through the node's state word; the reader relies on that (see
+        // `live`).
+        s.segments.tracked.fetch_add(1, Relaxed);
+        s.bytes.tracked.fetch_add(len, Relaxed);
     }
 
     /// A segment of `len` bytes was untracked.
     pub(crate) fn untracked(&self, len: usize) {
         let s = self.mine();
-        s.live_segments.fetch_sub(1, Relaxed);
-        s.live_bytes.fetch_sub(len, Relaxed);
+        // Release: a reader that acquires this count also sees the track's
+        // own count (see `live`).
+        s.segments.untracked.fetch_add(1, Release);
+        s.bytes.untracked.fetch_add(len, Release);
     }
 
     /// Nodes allocated so far.
@@ -144,27 +164,94 @@ impl Counters {
         self.sum(|s| s.freed.load(Relaxed))
     }
 
-    /// Live segments now. The shards are read one by one, so a track and
-    /// its untrack on two threads can be seen as untrack only: a sum that
-    /// wrapped below zero reads as 0.
+    /// Live segments now (weakly consistent, never below zero).
     pub(crate) fn live_segments(&self) -> usize {
-        let n = self.wrapping_sum(|s| &s.live_segments);
-        if n > usize::MAX / 2 {
-            0
-        } else {
-            n
+        self.live(|s| &s.segments, &mut || {})
+    }
+
+    /// Bytes in live segments now (weakly consistent, never below zero).
+    pub(crate) fn live_bytes(&self) -> usize {
+        self.live(|s| &s.bytes, &mut || {})
+    }
+
+    /// What was tracked minus what was untracked, counting every untrack
+    /// first and every track after, and calling `before_load` before each
+    /// load (tests interleave tracks and untracks there).
+    ///
+    /// An untrack's count follows its own track's count in happens-before
+    /// (the track counts before it links the node, and the untrack's kill
+    /// CAS reads the `Live` that came after the link), and the untrack
+    /// counts with Release. So once an Acquire load here has seen an
+    /// untrack, the later loads of the tracked counts see its track: every
+    /// segment subtracted was also added, and the difference is the size of
+    /// a set of segments (each live at some moment of the read), never
+    /// "negative". Exact once the registry is quiescent.
+    fn live(&self, flow: impl Fn(&Shard) -> &Flow, before_load: &mut dyn FnMut()) -> usize {
+        let mut gone = 0usize;
+        for s in &self.shards {
+            before_load();
+            // Acquire: pairs with the untrack's Release add (see above).
+            gone = gone.wrapping_add(flow(s).untracked.load(Acquire));
+        }
+        let mut came = 0usize;
+        for s in &self.shards {
+            before_load();
+            // Relaxed: ordered after the Acquire loads above.
+            came = came.wrapping_add(flow(s).tracked.load(Relaxed));
+        }
+        came.wrapping_sub(gone)
+    }
+}
+
+#[cfg(all(test, not(feature = "loom")))]
+mod tests {
+    use super::*;
+
+    const LEN: usize = 2 << 20;
+
+    impl Counters {
+        fn tracked_on(&self, shard: usize, len: usize) {
+            let s = &self.shards[shard];
+            s.segments.tracked.fetch_add(1, Relaxed);
+            s.bytes.tracked.fetch_add(len, Relaxed);
+        }
+
+        fn untracked_on(&self, shard: usize, len: usize) {
+            let s = &self.shards[shard];
+            s.segments.untracked.fetch_add(1, Release);
+            s.bytes.untracked.fetch_add(len, Release);
         }
     }
 
-    /// Bytes in live segments now.
-    pub(crate) fn live_bytes(&self) -> usize {
-        self.wrapping_sum(|s| &s.live_bytes)
-    }
-
-    /// The modular sum of one wrapping counter over the shards.
-    fn wrapping_sum(&self, f: impl Fn(&Shard) -> &AtomicUsize) -> usize {
-        self.shards
-            .iter()
-            .fold(0usize, |acc, s| acc.wrapping_add(f(s).load(Relaxed)))
+    /// A reader adds the shards up one by one while a segment is tracked on
+    /// one shard and untracked on another (the allocator's free runs on
+    /// another thread than its alloc): whatever load the pair lands before,
+    /// the sum is the bytes live at some moment of the read, 0 or `LEN`,
+    /// never a wrapped "negative" figure.
+    #[test]
+    fn live_bytes_never_reads_below_zero_while_a_track_and_its_untrack_race_the_read() {
+        let cases = [(0, 1), (1, 0), (3, SHARDS - 1)];
+        for ((track_on, untrack_on), base) in cases.into_iter().zip([0, 7 * LEN, 0]) {
+            for at in 0..=2 * SHARDS {
+                let c = Counters::default();
+                if base > 0 {
+                    c.tracked_on(5, base); // an unrelated live segment
+                }
+                let mut loads = 0;
+                let seen = c.live(|s| &s.bytes, &mut || {
+                    if loads == at {
+                        c.tracked_on(track_on, LEN);
+                        c.untracked_on(untrack_on, LEN);
+                    }
+                    loads += 1;
+                });
+                assert!(
+                    seen == base || seen == base + LEN,
+                    "track on shard {track_on}, untrack on {untrack_on} before load {at}: \
+                     read {seen} bytes"
+                );
+                assert_eq!(c.live_bytes(), base, "exact once quiescent");
+            }
+        }
     }
 }

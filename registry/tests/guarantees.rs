@@ -847,3 +847,104 @@ fn lookup_concurrent_readers_always_find_a_stable_segment_and_never_a_stranger()
         assert_eq!(reg.find(s.addr + 5), Some(*s));
     }
 }
+
+/// A guard whose `Drop` runs a pass whose callback fails: what a caller's
+/// cleanup code does when an unrelated panic unwinds through it.
+struct PassOnDrop<'a> {
+    reg: &'a Reg,
+    comm: CommId,
+    /// The callback forgets the comm on its first segment (the pass then
+    /// stops with `Forgotten`) instead of failing with an error.
+    forget_in_callback: bool,
+    stopped: &'a std::sync::atomic::AtomicBool,
+}
+
+impl Drop for PassOnDrop<'_> {
+    fn drop(&mut self) {
+        let r = self.reg.register_pending(self.comm, |_, s| {
+            if self.forget_in_callback {
+                let f = self.reg.forget(self.comm).expect("attached");
+                assert!(f.pass_running && f.windows.is_empty());
+                return Ok(Some(s.seq));
+            }
+            Err("callback failed")
+        });
+        let Err(failure) = r else {
+            panic!("the pass should stop early")
+        };
+        let expected = if self.forget_in_callback {
+            matches!(failure.error, PassError::Forgotten(_))
+        } else {
+            matches!(failure.error, PassError::Callback { .. })
+        };
+        assert!(expected, "{failure:?}");
+        // Deregister the hand-backs (nothing to do here) and let go.
+        for h in failure.report.handed_back {
+            let _ = h.hold.release();
+        }
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn failure_atomicity_a_pass_failing_while_the_thread_unwinds_frees_its_comm() {
+    let reg = Reg::new();
+    let comm = reg.attach("a");
+    let segs: Vec<_> = (0..2)
+        .map(|i| reg.track(seg_addr(i), MB2).unwrap())
+        .collect();
+    let stopped = std::sync::atomic::AtomicBool::new(false);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _cleanup = PassOnDrop {
+            reg: &reg,
+            comm,
+            forget_in_callback: false,
+            stopped: &stopped,
+        };
+        panic!("an unrelated panic");
+    }));
+    assert!(r.is_err() && stopped.load(std::sync::atomic::Ordering::Relaxed));
+    // The failed pass must have let go of the comm: the next one runs.
+    let report = reg
+        .register_pending(comm, |_, s| Ok::<_, ()>(Some(s.seq)))
+        .expect("the comm must not stay busy after a pass failed during unwinding");
+    assert_eq!(report.registered, segs);
+}
+
+#[test]
+fn bounded_memory_a_pass_stopped_by_forget_while_unwinding_unpins_its_watermark() {
+    let reg = Reg::new().with_sweep_slack(0);
+    let comm = reg.attach("a");
+    for i in 0..2 {
+        reg.track(seg_addr(i), MB2).unwrap();
+    }
+    let stopped = std::sync::atomic::AtomicBool::new(false);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _cleanup = PassOnDrop {
+            reg: &reg,
+            comm,
+            forget_in_callback: true,
+            stopped: &stopped,
+        };
+        panic!("an unrelated panic");
+    }));
+    assert!(r.is_err() && stopped.load(std::sync::atomic::Ordering::Relaxed));
+    assert_eq!(reg.pending(comm), Err(CommError::NotAttached(comm)));
+    // The pass stopped after segment 0, which became the watermark; the
+    // comm is forgotten, so nothing may keep that node pinned. Two live
+    // segments at the end of the log (the sweep keeps the last two), then
+    // every earlier one dies: all of them must be swept.
+    for i in 2..4 {
+        reg.track(seg_addr(i), MB2).unwrap();
+    }
+    for i in 0..2 {
+        let gone = reg.untrack(seg_addr(i)).unwrap();
+        assert!(gone.pass_hold.is_none());
+    }
+    let n = reg.stats().nodes;
+    assert_eq!(
+        n.dead_in_log, 0,
+        "a forgotten comm's watermark is still pinned: {n:?}"
+    );
+}

@@ -36,6 +36,18 @@ pub(super) struct PassRun<'a, 'r, C, W, I: AddressIndex> {
     finished: bool,
 }
 
+/// How a pass ends, which decides who releases `BUSY`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Every segment of the set was registered.
+    Complete,
+    /// A callback error or a forgotten comm stopped it; `run` returns.
+    Stopped,
+    /// A callback panicked: `Drop` finishes the pass, parks its report and
+    /// only then releases `BUSY`.
+    CallbackPanicked,
+}
+
 impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
     /// A pass on `slot`, whose BUSY the caller holds: takes what an earlier
     /// panicking pass parked, then fixes the set (P1–P3).
@@ -155,7 +167,7 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
             self.owns_last = owns;
             self.next += 1;
         }
-        self.finish(true);
+        self.finish(Ending::Complete);
         Ok(std::mem::replace(&mut self.report, PassReport::new(comm)))
     }
 
@@ -189,19 +201,19 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
     }
 
     fn stop<E>(&mut self, error: PassError<E>) -> PassFailure<'r, W, E> {
-        self.finish(false);
+        self.finish(Ending::Stopped);
         PassFailure {
             error,
             report: std::mem::replace(&mut self.report, PassReport::new(self.slot.id)),
         }
     }
 
-    /// Moves the watermark, releases what is still held, and frees the comm.
-    fn finish(&mut self, complete: bool) {
-        if self.finished {
-            return;
-        }
+    /// Moves the watermark, releases what is still held, and (unless the
+    /// callback panicked, see `Drop`) frees the comm.
+    fn finish(&mut self, ending: Ending) {
+        debug_assert!(!self.finished, "a pass finishes once");
         self.finished = true;
+        let complete = ending == Ending::Complete;
         if !self.end.is_null() {
             // The new watermark: the end of the set if it all went through,
             // else the last node registered, if any.
@@ -227,10 +239,13 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
         for &o in &rest[self.next.min(rest.len())..] {
             self.release(o);
         }
-        if complete || !std::thread::panicking() {
+        // A panicked callback: `Drop` parks the report first, then releases
+        // BUSY. Whether the thread is unwinding says nothing here: a pass
+        // may run (and fail) inside some other code's `Drop` during an
+        // unrelated panic.
+        if ending != Ending::CallbackPanicked {
             self.release_busy();
         }
-        // Unwinding: `Drop` parks the report first, then releases BUSY.
     }
 
     /// Clears BUSY; if the comm was forgotten meanwhile, takes the watermark
@@ -265,7 +280,7 @@ impl<C, W, I: AddressIndex> Drop for PassRun<'_, '_, C, W, I> {
         // for the next pass on this comm, or its forget, to hand back.
         // Park while still BUSY, so that neither `forget` nor the next pass
         // can look at the slot in between; then release BUSY.
-        self.finish(false);
+        self.finish(Ending::CallbackPanicked);
         {
             let mut o = lock(&self.slot.orphans);
             for h in self.report.handed_back.drain(..) {
