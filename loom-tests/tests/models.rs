@@ -1193,16 +1193,12 @@ fn model8_window_lookup_races_forget_and_untrack() {
 static RUNS_8N: AtomicUsize = AtomicUsize::new(0);
 #[test]
 #[should_panic(expected = "a lookup returned a window already handed back")]
-fn model8_negative_unchecked_lookup_returns_a_handed_back_window() {
-    Model::new("8- unchecked lookup", 3).check_fails(
+fn model8_negative_lookup_ignores_forget_returns_a_handed_back_window() {
+    let f = faults(|f| f.lookup_ignores_forget = true);
+    Model::new("8- lookup ignores forget", 3).check_fails(
         &RUNS_8N,
         "a lookup returned a window already handed back",
-        || {
-            lookup_races_hand_back(Faults {
-                unchecked_lookup: true,
-                ..Faults::NONE
-            })
-        },
+        move || lookup_races_hand_back(f),
     );
 }
 
@@ -1436,4 +1432,230 @@ fn model11_negative_page_overwrite_loses_a_live_segment() {
             "a live segment was not found after its neighbours left",
             || page_map_count_survives_a_late_withdraw(faults(|f| f.page_overwrite = true)),
         );
+}
+
+// --------------------------------------------------------------------------
+// Model 12: a lookup after forget returned, while the pass is still running.
+// --------------------------------------------------------------------------
+
+/// A is tracked; the main thread runs a pass for the comm while another
+/// thread forgets the comm and then looks A's window up. `forget` may
+/// return (`pass_running`) while the pass is inside its callback; the pass
+/// then records A's window and claims it back once it sees the comm
+/// forgotten.
+///
+/// * a lookup made after `forget` returned never finds a window of the
+///   forgotten comm;
+/// * each window comes back exactly once (from forget or the pass), and
+///   A's memory is freed exactly once.
+fn lookup_after_forget_races_its_pass(faults: Faults) {
+    let reg = registry(faults);
+    let ledger = Arc::new(Ledger::default());
+    let comm = reg.attach(0);
+    let a = reg.track(slot_addr(0), STRIDE).unwrap();
+    let hf = {
+        let (reg, ledger) = (reg.clone(), ledger.clone());
+        thread::spawn(move || {
+            forget(&reg, comm, &ledger).expect("attached");
+            if let Ok(w) = reg.window_of(comm, a.addr + 8, 8) {
+                panic!(
+                    "a lookup after forget returned found a window of the forgotten comm: {w:?}"
+                );
+            }
+        })
+    };
+    let out = pass_ok(&reg, comm, &ledger);
+    assert!(out.registered.len() <= 1);
+    hf.join().unwrap();
+    let gone = drain(&reg, &ledger);
+    ledger.assert_windows_exactly_once();
+    ledger.assert_freed_exactly_once(&gone);
+}
+
+static RUNS_12: AtomicUsize = AtomicUsize::new(0);
+#[test]
+fn model12_window_lookup_after_forget_returned_finds_nothing() {
+    Model::new("12 lookup after forget races its pass", 3).check(&RUNS_12, || {
+        lookup_after_forget_races_its_pass(Faults::NONE)
+    });
+}
+
+static RUNS_12N: AtomicUsize = AtomicUsize::new(0);
+#[test]
+#[should_panic(expected = "a lookup after forget returned found a window of the forgotten comm")]
+fn model12_negative_lookup_ignores_forget_finds_a_forgotten_window() {
+    let f = faults(|f| f.lookup_ignores_forget = true);
+    Model::new("12- lookup ignores forget", 3).check_fails(
+        &RUNS_12N,
+        "a lookup after forget returned found a window of the forgotten comm",
+        move || lookup_after_forget_races_its_pass(f),
+    );
+}
+
+// --------------------------------------------------------------------------
+// Model 13: what a pass guarantees against tracks and lookups together.
+// --------------------------------------------------------------------------
+
+/// One thread tracks E; another tracks Z, then looks E up; the main thread
+/// runs a pass, then a second one after both joined.
+///
+/// What holds (DESIGN.md §1, "Order" and "Fixed set"): each pass registers
+/// a seq prefix (the first 1..=k, the second the rest), so ranks whose
+/// tracks happen in the same order issue the same registrations; and a
+/// lookup finds a segment once its track has returned.
+///
+/// What does *not* hold, and `claim_linearizable` asserts to show it: that
+/// the pass linearizes with the tracks and lookups as one object. E may
+/// link, stall before going live, and become the end of the pass's set; Z
+/// then links, goes live and returns, and Z's lookup of E finds nothing;
+/// the pass helps E live and registers E but not Z. Z's track took effect
+/// before E's (a lookup between them saw Z and not E), yet the pass took E
+/// and left Z, and no single point of the pass explains that.
+fn pass_against_tracks_and_a_lookup(claim_linearizable: bool) {
+    let reg = registry(Faults::NONE);
+    let ledger = Arc::new(Ledger::default());
+    let comm = reg.attach(1);
+    let (e_addr, z_addr) = (slot_addr(0), slot_addr(1));
+    let (e_done, z_saw_no_e) = (flag(), flag());
+    let he = {
+        let (reg, e_done) = (reg.clone(), e_done.clone());
+        thread::spawn(move || {
+            let e = reg.track(e_addr, STRIDE).expect("disjoint tracks succeed");
+            // Release: E's track returned before whoever reads `true`.
+            e_done.store(true, Ordering::Release);
+            e
+        })
+    };
+    let hz = {
+        let (reg, e_done, z_saw_no_e) = (reg.clone(), e_done.clone(), z_saw_no_e.clone());
+        thread::spawn(move || {
+            let z = reg.track(z_addr, STRIDE).expect("disjoint tracks succeed");
+            // Acquire: `true` means E's track returned before this lookup.
+            let e_returned = e_done.load(Ordering::Acquire);
+            let found = reg.find(e_addr + 8);
+            assert!(
+                !e_returned || found.is_some_and(|s| s.addr == e_addr),
+                "a lookup missed a segment whose track had returned"
+            );
+            if found.is_none() {
+                // Release: Z was live, and E not, before whoever reads it.
+                z_saw_no_e.store(true, Ordering::Release);
+            }
+            z
+        })
+    };
+    let mut witness = false;
+    let first = pass(&reg, comm, &ledger, |s| {
+        // Acquire: see Z's lookup, made after Z's track returned.
+        if s.addr == e_addr && z_saw_no_e.load(Ordering::Acquire) {
+            witness = true;
+        }
+        Ok(())
+    });
+    let (e, z) = (he.join().unwrap(), hz.join().unwrap());
+    let second = pass_ok(&reg, comm, &ledger);
+    let (first, second) = (first.registered, second.registered);
+    assert_no_duplicates([&first[..], &second[..]]);
+    assert_seq_increasing(&first);
+    let seqs = |v: &[Segment]| v.iter().map(|s| s.seq).collect::<Vec<_>>();
+    let k = first.len() as u64;
+    assert!(
+        seqs(&first) == (1..=k).collect::<Vec<_>>()
+            && seqs(&second) == (k + 1..=2).collect::<Vec<_>>(),
+        "a pass did not register a seq prefix: {first:?} then {second:?}"
+    );
+    if claim_linearizable && witness && first.contains(&e) && !first.contains(&z) {
+        panic!(
+            "a pass registered E but not Z, though Z was live while a lookup found no E: \
+             {first:?}"
+        );
+    }
+    let gone = drain(&reg, &ledger);
+    ledger.assert_windows_exactly_once();
+    ledger.assert_freed_exactly_once(&gone);
+}
+
+static RUNS_13: AtomicUsize = AtomicUsize::new(0);
+#[test]
+fn model13_a_pass_registers_a_seq_prefix_against_tracks_and_lookups() {
+    Model::new("13 pass against tracks and a lookup", 3)
+        .check(&RUNS_13, || pass_against_tracks_and_a_lookup(false));
+}
+
+static RUNS_13N: AtomicUsize = AtomicUsize::new(0);
+#[test]
+#[should_panic(expected = "a pass registered E but not Z")]
+fn model13_negative_a_pass_is_not_linearizable_with_lookups() {
+    Model::new("13- the claim that a pass linearizes with lookups", 3).check_fails(
+        &RUNS_13N,
+        "a pass registered E but not Z",
+        || pass_against_tracks_and_a_lookup(true),
+    );
+}
+
+// --------------------------------------------------------------------------
+// Model 14: a lookup never returns a window recorded after its segment died.
+// --------------------------------------------------------------------------
+
+/// A is tracked. The main thread runs a pass whose callback first asks
+/// whether A is still tracked; one thread untracks A; another looks A's
+/// window up. The untrack may kill A while the pass is inside its callback;
+/// the pass then still records A's window (its list is not closed yet) and
+/// the untrack claims it when it closes the list.
+///
+/// * a lookup returns a window only if, at some moment of it, the segment
+///   was live and the window recorded: never one recorded after the
+///   callback saw the segment untracked;
+/// * each window comes back exactly once, the memory is freed once.
+fn lookup_races_a_record_made_after_untrack(faults: Faults) {
+    let reg = registry(faults);
+    let ledger = Arc::new(Ledger::default());
+    let comm = reg.attach(0);
+    let a = reg.track(slot_addr(0), STRIDE).unwrap();
+    let hu = {
+        let (reg, ledger) = (reg.clone(), ledger.clone());
+        thread::spawn(move || drop(untrack(&reg, a.addr, &ledger).expect("A is tracked")))
+    };
+    let hl = {
+        let reg = reg.clone();
+        thread::spawn(move || reg.window_of(comm, a.addr + 8, 8).is_ok())
+    };
+    // Bookkeeping of the order loom ran the steps in (a `std` flag): the
+    // callback saw A untracked before its window was recorded.
+    let dead_before_record = StdAtomicBool::new(false);
+    let out = pass(&reg, comm, &ledger, |s| {
+        if reg.find(s.addr).is_none() {
+            dead_before_record.store(true, StdOrdering::Relaxed);
+        }
+        Ok(())
+    });
+    assert!(out.error.is_none());
+    hu.join().unwrap();
+    let found = hl.join().unwrap();
+    assert!(
+        !(found && dead_before_record.load(StdOrdering::Relaxed)),
+        "a lookup returned a window recorded after its segment was untracked"
+    );
+    ledger.assert_windows_exactly_once();
+    ledger.assert_freed_exactly_once(&BTreeSet::from([a]));
+}
+
+static RUNS_14: AtomicUsize = AtomicUsize::new(0);
+#[test]
+fn model14_window_lookup_never_returns_a_window_recorded_after_untrack() {
+    Model::new("14 lookup races a record made after untrack", 3).check(&RUNS_14, || {
+        lookup_races_a_record_made_after_untrack(Faults::NONE)
+    });
+}
+
+static RUNS_14N: AtomicUsize = AtomicUsize::new(0);
+#[test]
+#[should_panic(expected = "a lookup returned a window recorded after its segment was untracked")]
+fn model14_negative_skip_lookup_live_recheck_returns_a_dead_segments_window() {
+    let f = faults(|f| f.skip_lookup_live_recheck = true);
+    Model::new("14- skip the lookup's live re-check", 3).check_fails(
+        &RUNS_14N,
+        "a lookup returned a window recorded after its segment was untracked",
+        move || lookup_races_a_record_made_after_untrack(f),
+    );
 }

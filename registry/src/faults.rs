@@ -25,10 +25,17 @@ pub struct Faults {
     /// The sweeper frees unlinked nodes at once instead of deferring them to
     /// the reclaimer: a concurrent reader touches freed memory.
     pub free_without_defer: bool,
-    /// `window_of` reads a record without checking whether its window was
-    /// claimed (handed back by forget, untrack or a pass): it can return a
-    /// window that has already been handed back.
-    pub unchecked_lookup: bool,
+    /// `window_of` answers from the records without reading the node's
+    /// state again afterwards: a record that a pass pushed after the
+    /// segment was untracked (and before untrack closed the list) can be
+    /// returned, although the segment was never live while the window was
+    /// recorded.
+    pub skip_lookup_live_recheck: bool,
+    /// `window_of` answers from a record of a forgotten comm whose window
+    /// nobody has claimed back yet (a pass still inside its callback when
+    /// `forget` returned pushes such a record): a lookup made after
+    /// `forget` returned finds a window of a comm the caller may destroy.
+    pub lookup_ignores_forget: bool,
     /// `track` publishes the segment in the page map only after making it
     /// live: a lookup in between finds the granule empty and misses a
     /// segment that a pass may already have registered.
@@ -50,7 +57,8 @@ impl Faults {
         unchecked_window_add: false,
         skip_overlap_fence: false,
         free_without_defer: false,
-        unchecked_lookup: false,
+        skip_lookup_live_recheck: false,
+        lookup_ignores_forget: false,
         late_page_publish: false,
         skip_page_withdraw: false,
         page_overwrite: false,
@@ -93,9 +101,17 @@ impl Switches {
     }
 
     #[inline(always)]
-    pub(crate) fn unchecked_lookup(&self) -> bool {
+    pub(crate) fn skip_lookup_live_recheck(&self) -> bool {
         #[cfg(feature = "test-support")]
-        return self.0.unchecked_lookup;
+        return self.0.skip_lookup_live_recheck;
+        #[cfg(not(feature = "test-support"))]
+        false
+    }
+
+    #[inline(always)]
+    pub(crate) fn lookup_ignores_forget(&self) -> bool {
+        #[cfg(feature = "test-support")]
+        return self.0.lookup_ignores_forget;
         #[cfg(not(feature = "test-support"))]
         false
     }

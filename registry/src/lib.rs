@@ -42,6 +42,7 @@
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
+mod comm_state;
 mod counters;
 mod error;
 mod faults;

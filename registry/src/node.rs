@@ -7,8 +7,10 @@
 use std::mem::ManuallyDrop;
 use std::ptr;
 
+use crate::comm_state::CommState;
+use crate::faults::Switches;
 use crate::state::State;
-use crate::sync::{AtomicBool, AtomicPtr, AtomicU64, Ordering, PoisonFlag};
+use crate::sync::{Arc, AtomicBool, AtomicPtr, AtomicU64, Ordering, PoisonFlag};
 use crate::{CommId, Segment};
 
 /// A segment node.
@@ -58,10 +60,16 @@ impl<W> Node<W> {
         &self.poison
     }
 
+    /// The seq, for a reader that reached the node through the log or saw
+    /// it `Live`.
     pub(crate) fn seq(&self) -> u64 {
-        // Relaxed: the seq is written before the Release link that publishes
-        // the node, and every reader reached the node through an Acquire
-        // load of that link or of the index.
+        // Relaxed: the tracker writes the seq before the Release link CAS
+        // (T5). Log walkers read it after an Acquire load of that link.
+        // Readers that came through the index or the page map reached the
+        // node before its seq was written (T1 and T4a precede T5), so they
+        // read it only after reading the state word `Live` (SeqCst), which
+        // the tracker (T6) or a pass that acquired the link (P3) wrote after
+        // the seq: that read, not the index's Acquire, makes the seq visible.
         self.get().seq.load(Ordering::Relaxed)
     }
 
@@ -143,6 +151,9 @@ pub(crate) fn untag<W>(p: *mut Node<W>) -> *mut Node<W> {
 /// One registration of a segment with one comm, and its window if any.
 pub(crate) struct Record<W> {
     pub(crate) comm: CommId,
+    /// The comm's state word: a lookup refuses the record once the comm is
+    /// forgotten, even before anyone has claimed the window back.
+    comm_state: Arc<CommState>,
     /// Set by whoever takes the window out: exactly one of untrack, forget,
     /// drain, or the pass that added the record.
     claimed: AtomicBool,
@@ -173,6 +184,8 @@ pub(crate) enum Registration<W> {
     NoWindow,
     /// Not registered (or its window was handed back).
     None,
+    /// Registered with a comm that has been forgotten since.
+    Forgotten,
     /// The list is closed: the segment was untracked.
     Closed,
 }
@@ -192,11 +205,13 @@ impl<W> Records<W> {
     pub(crate) fn push(
         &self,
         comm: CommId,
+        comm_state: &Arc<CommState>,
         window: Option<W>,
         check_closed: bool,
     ) -> Result<*const Record<W>, Option<W>> {
         let rec = Box::into_raw(Box::new(Record {
             comm,
+            comm_state: comm_state.clone(),
             claimed: AtomicBool::new(false),
             window: ManuallyDrop::new(window),
             next: ptr::null_mut(),
@@ -268,32 +283,41 @@ impl<W> Records<W> {
     }
 
     /// What is recorded for `comm`, copying the window (`W: Copy`, so a
-    /// claimer moving it out concurrently is harmless).
-    pub(crate) fn lookup(&self, comm: CommId, check_claimed: bool) -> Registration<W>
+    /// claimer moving it out concurrently is harmless). A record answers
+    /// only while its comm is not forgotten (`lookup_ignores_forget` is the
+    /// negative control that skips the check). Whether the window was
+    /// claimed is not read: every claimer first closes the list (untrack)
+    /// or sets the comm's `FORGOTTEN` (forget, a pass handing back), and
+    /// `Registry::window_of` re-reads the node's state after this
+    /// (DESIGN.md, "window lookup").
+    pub(crate) fn lookup(&self, comm: CommId, faults: Switches) -> Registration<W>
     where
         W: Copy,
     {
-        // Acquire: pairs with the closing swap.
+        // Acquire: pairs with the closing swap, and sees the records pushed
+        // before (and their windows).
         let head = self.head.load(Ordering::Acquire);
         if head as usize & CLOSED != 0 {
             return Registration::Closed;
         }
-        let mut found = Registration::None;
         let mut cur = head;
         while !cur.is_null() {
             // SAFETY: as in `for_each_open`.
             let r = unsafe { &*cur };
-            // Acquire: a claimed record's window has been handed back. (Not
-            // checking is the `unchecked_lookup` negative control.)
-            if r.comm == comm && !(check_claimed && r.claimed.load(Ordering::Acquire)) {
-                found = match *r.window {
-                    Some(w) => Registration::Window(w),
-                    None => Registration::NoWindow,
+            if r.comm == comm {
+                // One record per comm and segment.
+                return if !faults.lookup_ignores_forget() && r.comm_state.is_forgotten() {
+                    Registration::Forgotten
+                } else {
+                    match *r.window {
+                        Some(w) => Registration::Window(w),
+                        None => Registration::NoWindow,
+                    }
                 };
             }
             cur = r.next;
         }
-        found
+        Registration::None
     }
 
     /// Calls `f` on each unclaimed record of an open list.

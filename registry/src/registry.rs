@@ -8,6 +8,7 @@ use std::mem::ManuallyDrop;
 use std::ptr;
 use std::sync::atomic::Ordering as StatOrdering;
 
+use crate::comm_state::{CommState, BUSY, FORGOTTEN};
 use crate::counters::Counters;
 use crate::error::{CommError, PassError, TrackError, UntrackError, WindowLookupError};
 use crate::faults::Switches;
@@ -25,15 +26,13 @@ use pass::PassRun;
 /// untrack sweeps it (DESIGN.md, "Bounded memory").
 pub const SWEEP_SLACK: usize = 64;
 
-const BUSY: u64 = 1;
-const FORGOTTEN: u64 = 2;
-
 /// One attached comm.
 struct CommSlot<C, W> {
     id: CommId,
     payload: C,
-    /// `BUSY` while a pass runs; `FORGOTTEN` once forgotten (final).
-    state: AtomicU64,
+    /// `BUSY` while a pass runs; `FORGOTTEN` once forgotten (final). Shared
+    /// with the comm's window records.
+    state: Arc<CommState>,
     /// The watermark: the last log node this comm's passes have processed.
     /// Pinned (state word) so the sweeper keeps it linked. Written only by
     /// the pass that holds `BUSY` (or by `forget` when none does).
@@ -704,6 +703,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             // Release: publishes seq, addr, len and state to whoever reads
             // the link. Acquire on failure: we re-read the new successor.
             if tn
+                .get()
                 .next
                 .compare_exchange(ptr::null_mut(), node, Ordering::Release, Ordering::Acquire)
                 .is_ok()
@@ -940,13 +940,13 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
     {
         let _guard = self.reclaimer.pin();
         let found = self.find_node(ptr).map(|o| {
-            let seg = o.segment();
-            (
-                seg,
-                o.get()
-                    .records
-                    .lookup(comm, !self.faults.unchecked_lookup()),
-            )
+            let reg = o.get().records.lookup(comm, self.faults);
+            // The segment must still be live after the records were read: a
+            // pass may push a record after the segment died, before its
+            // untrack closes the list (DESIGN.md, "window lookup").
+            let live =
+                self.faults.skip_lookup_live_recheck() || o.load_state().phase() == Phase::Live;
+            (o.segment(), if live { reg } else { Registration::Closed })
         });
         // Only the error answers read the comm table.
         let not_attached = || !self.comms.read().unwrap().contains_key(&comm);
@@ -966,6 +966,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             }),
             // Untracked since `find_node` saw it live: linearize after that.
             Registration::Closed => Err(WindowLookupError::NotTracked { ptr }),
+            Registration::Forgotten => Err(WindowLookupError::NotAttached(comm)),
             _ if not_attached() => Err(WindowLookupError::NotAttached(comm)),
             Registration::NoWindow => Err(WindowLookupError::NoWindow { comm, segment }),
             Registration::None => Err(WindowLookupError::NotRegistered { comm, segment }),
@@ -1068,7 +1069,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         let slot = Arc::new(CommSlot {
             id,
             payload,
-            state: AtomicU64::new(0),
+            state: Arc::new(CommState::new()),
             cursor: AtomicPtr::new(self.head),
             naive_max_seq: AtomicU64::new(0),
             orphans: std::sync::Mutex::new(Orphans {
@@ -1111,8 +1112,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             .unwrap()
             .remove(&comm)
             .ok_or(CommError::NotAttached(comm))?;
-        // SeqCst: one side of the Dekker pair with a pass's record add.
-        let prev = slot.state.fetch_or(FORGOTTEN, Ordering::SeqCst);
+        let prev = slot.state.forget();
         if prev & BUSY == 0 {
             // No pass runs, and none can start now: take the watermark out
             // (readers find null: not attached), then drop its pin.
@@ -1216,11 +1216,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         let slot = comms
             .get(&comm)
             .ok_or_else(|| fail(CommError::NotAttached(comm)))?;
-        // Acquire: see the cursor the previous pass left.
-        if let Err(s) = slot
-            .state
-            .compare_exchange(0, BUSY, Ordering::Acquire, Ordering::Relaxed)
-        {
+        if let Err(s) = slot.state.try_begin_pass() {
             return Err(fail(if s & FORGOTTEN != 0 {
                 CommError::NotAttached(comm)
             } else {
@@ -1237,8 +1233,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             // SAFETY: the cursor node is pinned by this comm, so never
             // unlinked or freed, and only the BUSY owner (us) moves it.
             if unsafe { &*cursor }.next_node().is_null() {
-                // Release: hand the (unchanged) slot to the next pass.
-                slot.state.fetch_and(!BUSY, Ordering::Release);
+                slot.state.end_idle_pass();
                 return Ok(PassReport::new(comm));
             }
         }
@@ -1300,7 +1295,8 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         self.index.for_each(&mut |_, oref| {
             // SAFETY: protected by the guard.
             let o = unsafe { &*oref.as_ptr::<Node<W>>() };
-            o.records
+            o.get()
+                .records
                 .count_open(|c| *windows.entry(c).or_default() += 1);
             true
         });
@@ -1370,6 +1366,7 @@ fn mark_link<W>(o: &Node<W>) -> *mut Node<W> {
         }
         let marked = (n as usize | MARK) as *mut Node<W>;
         match o
+            .get()
             .next
             .compare_exchange(n, marked, Ordering::SeqCst, Ordering::SeqCst)
         {

@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering as StatOrdering;
 
 use super::{
     lock, release_hold, try_hold, try_pin, unpin, CommSlot, HandBack, Hold, PassFailure,
-    PassReport, PassResult, Registry, BUSY, FORGOTTEN,
+    PassReport, PassResult, Registry,
 };
+use crate::comm_state::FORGOTTEN;
 use crate::error::PassError;
 use crate::index::AddressIndex;
 use crate::node::{Node, Records};
@@ -117,8 +118,7 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
     {
         let comm = self.slot.id;
         while self.next < self.held.len() {
-            // SeqCst: the other side of forget's fetch_or.
-            if self.slot.state.load(Ordering::SeqCst) & FORGOTTEN != 0 {
+            if self.slot.state.is_forgotten() {
                 return Err(self.stop(PassError::Forgotten(comm)));
             }
             let o = self.held[self.next];
@@ -142,7 +142,11 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
             self.report.registered.push(seg);
             let mut owns = true;
             let check = !self.reg.faults.unchecked_window_add();
-            match node.get().records.push(comm, window, check) {
+            match node
+                .get()
+                .records
+                .push(comm, &self.slot.state, window, check)
+            {
                 Err(Some(w)) => {
                     // Untracked while we registered it: hand it back.
                     self.hand_back(o, seg, w);
@@ -152,7 +156,7 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
                 Ok(rec) => {
                     // Dekker with forget: add; fence; read the flag.
                     fence(Ordering::SeqCst);
-                    if self.slot.state.load(Ordering::SeqCst) & FORGOTTEN != 0 {
+                    if self.slot.state.is_forgotten() {
                         if let Some(w) = Records::claim_own(rec) {
                             self.hand_back(o, seg, w);
                             owns = false;
@@ -252,8 +256,7 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
     /// out and unpins it, and moves anything parked in the slot to the
     /// registry's orphans (nobody can reach the slot any more).
     fn release_busy(&mut self) {
-        // Release: publish the cursor to the next pass.
-        let prev = self.slot.state.fetch_and(!BUSY, Ordering::AcqRel);
+        let prev = self.slot.state.end_pass();
         if prev & FORGOTTEN != 0 {
             // Readers find null: not attached.
             let c = self.slot.cursor.swap(ptr::null_mut(), Ordering::AcqRel);
