@@ -1614,7 +1614,9 @@ fn lookup_races_a_record_made_after_untrack(faults: Faults) {
     let a = reg.track(slot_addr(0), STRIDE).unwrap();
     let hu = {
         let (reg, ledger) = (reg.clone(), ledger.clone());
-        thread::spawn(move || drop(untrack(&reg, a.addr, &ledger).expect("A is tracked")))
+        thread::spawn(move || {
+            untrack(&reg, a.addr, &ledger).expect("A is tracked");
+        })
     };
     let hl = {
         let reg = reg.clone();

@@ -8,7 +8,7 @@
 //! readers add the shards up (weakly consistent, exact once the registry is
 //! quiescent, and never below zero: see `Counters::live`).
 
-use std::sync::atomic::{
+use crate::sync::uninstrumented::{
     AtomicU64, AtomicUsize,
     Ordering::{Acquire, Relaxed, Release},
 };
@@ -58,7 +58,7 @@ pub(crate) struct Counters {
     shards: [Shard; SHARDS],
     /// Dead nodes that became sweepable since the last sweep (decides when
     /// untrack sweeps; one shared word, reset by each sweep).
-    pub(crate) unswept: AtomicUsize,
+    unswept: AtomicUsize,
     /// The sweep threshold `max(slack, live / 2)` as last computed, and the
     /// unswept count it was computed at (see [`sweep_due`](Self::sweep_due)).
     threshold: AtomicUsize,
@@ -106,6 +106,12 @@ impl Counters {
         self.threshold.store(threshold, Relaxed);
         self.checked_at.store(unswept, Relaxed);
         unswept > threshold
+    }
+
+    /// A node became sweepable (an untrack, or the release of its last
+    /// hold or pin); the count after this one.
+    pub(crate) fn became_sweepable(&self) -> usize {
+        self.unswept.fetch_add(1, Relaxed) + 1
     }
 
     /// A sweep starts: the unswept count starts again from zero.

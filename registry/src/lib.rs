@@ -49,7 +49,9 @@ mod faults;
 mod index;
 mod node;
 mod pagemap;
+mod records;
 mod registry;
+mod results;
 mod state;
 mod sync;
 
@@ -58,9 +60,10 @@ pub use error::{CommError, PassError, TrackError, UntrackError, WindowLookupErro
 pub use faults::Faults;
 pub use index::{AddressIndex, NodeRef, SkipIndex};
 pub use pagemap::DEFAULT_PAGE_GRANULE;
-pub use registry::{
-    CommStats, Forgotten, HandBack, Hold, NodeCounts, PassFailure, PassReport, PassResult,
-    Registry, Stats, Untracked, WindowRef, SWEEP_SLACK,
+pub use registry::{Registry, SWEEP_SLACK};
+pub use results::{
+    CommStats, Forgotten, HandBack, Hold, NodeCounts, PassFailure, PassReport, PassResult, Stats,
+    Untracked, WindowRef,
 };
 
 /// A tracked segment: `[addr, addr + len)`, and its place `seq` in the order

@@ -1,17 +1,15 @@
-//! Segment nodes and their window records.
+//! Segment nodes: their fields and every transition of their state word.
 //!
 //! A node is shared by the address index, the log and the passes that hold
 //! it; it is freed exactly once, through the reclaimer, by the thread that
 //! makes it unreachable last (DESIGN.md, "Who frees what").
 
-use std::mem::ManuallyDrop;
 use std::ptr;
 
-use crate::comm_state::CommState;
-use crate::faults::Switches;
-use crate::state::State;
-use crate::sync::{Arc, AtomicBool, AtomicPtr, AtomicU64, Ordering, PoisonFlag};
-use crate::{CommId, Segment};
+use crate::records::Records;
+use crate::state::{Phase, State, HOLD_ONE, IN_INDEX, PIN_ONE, UNLINKED, WITHDRAWN};
+use crate::sync::{uninstrumented, AtomicPtr, AtomicU64, Ordering, PoisonFlag};
+use crate::Segment;
 
 /// A segment node.
 pub(crate) struct Node<W> {
@@ -29,7 +27,7 @@ pub(crate) struct Node<W> {
     /// The windows registered for this segment, one record per comm.
     pub(crate) records: Records<W>,
     /// The winner of a lost overlap race, for the error message only.
-    beaten: [std::sync::atomic::AtomicUsize; 2],
+    beaten: [uninstrumented::AtomicUsize; 2],
     poison: PoisonFlag,
 }
 
@@ -85,16 +83,16 @@ impl<W> Node<W> {
     /// Records the range that rejected this node (before the rejecting CAS).
     pub(crate) fn set_beaten_by(&self, addr: usize, len: usize) {
         // Relaxed: diagnostic only, published by the rejecting CAS.
-        self.get().beaten[0].store(addr, std::sync::atomic::Ordering::Relaxed);
-        self.beaten[1].store(len, std::sync::atomic::Ordering::Relaxed);
+        self.get().beaten[0].store(addr, uninstrumented::Ordering::Relaxed);
+        self.beaten[1].store(len, uninstrumented::Ordering::Relaxed);
     }
 
     /// The range that rejected this node.
     pub(crate) fn beaten_by(&self) -> (usize, usize) {
         // Relaxed: diagnostic only; read after observing the rejection.
         (
-            self.get().beaten[0].load(std::sync::atomic::Ordering::Relaxed),
-            self.beaten[1].load(std::sync::atomic::Ordering::Relaxed),
+            self.get().beaten[0].load(uninstrumented::Ordering::Relaxed),
+            self.beaten[1].load(uninstrumented::Ordering::Relaxed),
         )
     }
 
@@ -125,6 +123,128 @@ impl<W> Node<W> {
         }
     }
 
+    // ----------------------------------------------------------------------
+    // Transitions of the state word. Decisions are one CAS each, through
+    // `update_state`; hold and pin counts and the `IN_INDEX`/`WITHDRAWN`
+    // bits change by one RMW each. All SeqCst: they share the word whose
+    // CASes the overlap argument and the sweeper order (DESIGN.md §7).
+    // ----------------------------------------------------------------------
+
+    /// T4: `Pending -> Accepted`; fails if a winner rejected the node.
+    pub(crate) fn commit(&self) -> bool {
+        self.update_state(|st| {
+            (st.phase() == Phase::Pending).then(|| st.with_phase(Phase::Accepted))
+        })
+        .is_ok()
+    }
+
+    /// T3/T4: `Pending -> Rejected`; `Err(current)` if it is not pending.
+    pub(crate) fn reject_if_pending(&self) -> Result<State, State> {
+        self.update_state(|st| {
+            (st.phase() == Phase::Pending).then(|| st.with_phase(Phase::Rejected))
+        })
+    }
+
+    /// T6 (or a pass's help at P3): `Accepted -> Live`, keeping holds and
+    /// pins (a pass may have done it first).
+    pub(crate) fn make_live(&self) {
+        let _ = self
+            .update_state(|st| (st.phase() == Phase::Accepted).then(|| st.with_phase(Phase::Live)));
+    }
+
+    /// U1: `Live -> Dead`, adding a hold for the caller if a pass holds the
+    /// segment. `Ok(held)`, or `Err(())` if the node was not live.
+    pub(crate) fn kill(&self) -> Result<bool, ()> {
+        self.update_state(|st| {
+            let hold = if st.holds() > 0 { HOLD_ONE } else { 0 };
+            (st.phase() == Phase::Live).then(|| State(st.with_phase(Phase::Dead).0 + hold))
+        })
+        .map(|old| old.holds() > 0)
+        .map_err(drop)
+    }
+
+    /// U1a: the node has left the page map; only now may a sweep claim it.
+    pub(crate) fn mark_withdrawn(&self) {
+        self.get().state.fetch_or(WITHDRAWN, Ordering::SeqCst);
+    }
+
+    /// The one thread whose index removal succeeded clears `IN_INDEX`; the
+    /// state as it was.
+    pub(crate) fn leave_index(&self) -> State {
+        State(self.get().state.fetch_and(!IN_INDEX, Ordering::SeqCst))
+    }
+
+    /// P3 (and forget): a hold on a committed node, helping an `Accepted`
+    /// one to `Live`; anything else is not in the pass's set.
+    pub(crate) fn try_hold(&self) -> bool {
+        self.update_state(|st| {
+            st.is_committed()
+                .then(|| State(st.with_phase(Phase::Live).0 + HOLD_ONE))
+        })
+        .is_ok()
+    }
+
+    /// Drops one hold. The caller must not touch the node afterwards unless
+    /// it holds it otherwise (it may be swept and freed).
+    pub(crate) fn release_hold(&self) -> Released {
+        let prev = State(self.get().state.fetch_sub(HOLD_ONE, Ordering::SeqCst));
+        debug_assert!(prev.holds() > 0);
+        let last_on_dead = prev.holds() == 1 && prev.phase() == Phase::Dead;
+        Released {
+            last_on_dead,
+            sweepable: last_on_dead && prev.pins() == 0,
+        }
+    }
+
+    /// A watermark pin, unless the node is unlinked (one CAS: the sweeper's
+    /// unlink and the pin cannot both succeed).
+    pub(crate) fn try_pin(&self) -> bool {
+        self.update_state(|st| (!st.has(UNLINKED)).then(|| State(st.0 + PIN_ONE)))
+            .is_ok()
+    }
+
+    /// A watermark pin on the sentinel, which is never unlinked.
+    pub(crate) fn pin_sentinel(&self) {
+        self.get().state.fetch_add(PIN_ONE, Ordering::SeqCst);
+    }
+
+    /// Drops a watermark pin; `true` if the node just became sweepable.
+    pub(crate) fn unpin(&self) -> bool {
+        let prev = State(self.get().state.fetch_sub(PIN_ONE, Ordering::SeqCst));
+        prev.pins() == 1 && prev.holds() == 0 && prev.phase() == Phase::Dead
+    }
+
+    /// Sweep step 1: sets `UNLINKED` if the node is sweepable (or `true` if
+    /// an earlier sweep already claimed it).
+    pub(crate) fn claim_for_unlink(&self) -> bool {
+        self.load_state().has(UNLINKED)
+            || self
+                .update_state(|st| st.is_sweepable().then_some(State(st.0 | UNLINKED)))
+                .is_ok()
+    }
+
+    /// Sweep step 2: sets the deletion mark on the (non-null) link and
+    /// returns the successor it froze.
+    pub(crate) fn mark_link(&self) -> *mut Node<W> {
+        // SeqCst: the mark and the swings of other sweepers order on this
+        // link.
+        let mut n = self.get().next.load(Ordering::SeqCst);
+        loop {
+            if n as usize & MARK != 0 {
+                return untag(n);
+            }
+            let marked = (n as usize | MARK) as *mut Node<W>;
+            match self
+                .get()
+                .next
+                .compare_exchange(n, marked, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return n,
+                Err(x) => n = x,
+            }
+        }
+    }
+
     pub(crate) fn end(&self) -> usize {
         self.addr + self.len
     }
@@ -148,271 +268,10 @@ pub(crate) fn untag<W>(p: *mut Node<W>) -> *mut Node<W> {
     (p as usize & !MARK) as *mut Node<W>
 }
 
-/// One registration of a segment with one comm, and its window if any.
-pub(crate) struct Record<W> {
-    pub(crate) comm: CommId,
-    /// The comm's state word: a lookup refuses the record once the comm is
-    /// forgotten, even before anyone has claimed the window back.
-    comm_state: Arc<CommState>,
-    /// Set by whoever takes the window out: exactly one of untrack, forget,
-    /// drain, or the pass that added the record.
-    claimed: AtomicBool,
-    /// Never written after the record is published: the claimer moves it
-    /// out bitwise and `claimed` tells `Drop` not to drop it again. That is
-    /// what lets a lookup copy a `W: Copy` window while another thread
-    /// claims it.
-    window: ManuallyDrop<Option<W>>,
-    next: *mut Record<W>,
+/// What releasing a hold found.
+pub(crate) struct Released {
+    /// It was the last hold on an untracked segment: free its memory.
+    pub(crate) last_on_dead: bool,
+    /// The node just became sweepable (count it for the next sweep).
+    pub(crate) sweepable: bool,
 }
-
-/// Tag on the list head once untrack has closed it.
-const CLOSED: usize = 1;
-
-/// A lock-free list of registration records (a Treiber stack that can be
-/// closed).
-pub(crate) struct Records<W> {
-    head: AtomicPtr<Record<W>>,
-    /// The list as it was when it was closed, kept so the node can free it.
-    detached: AtomicPtr<Record<W>>,
-}
-
-/// What a lookup finds for one comm on one segment.
-pub(crate) enum Registration<W> {
-    /// Registered, with this window.
-    Window(W),
-    /// Registered without a window (no symmetric support).
-    NoWindow,
-    /// Not registered (or its window was handed back).
-    None,
-    /// Registered with a comm that has been forgotten since.
-    Forgotten,
-    /// The list is closed: the segment was untracked.
-    Closed,
-}
-
-impl<W> Records<W> {
-    fn new() -> Self {
-        Records {
-            head: AtomicPtr::new(ptr::null_mut()),
-            detached: AtomicPtr::new(ptr::null_mut()),
-        }
-    }
-
-    /// Records a registration (`window == None`: registered without a
-    /// window). Fails, giving the window back, if the list is closed (the
-    /// segment was untracked). `check_closed == false` is the negative
-    /// control that forgets to look.
-    pub(crate) fn push(
-        &self,
-        comm: CommId,
-        comm_state: &Arc<CommState>,
-        window: Option<W>,
-        check_closed: bool,
-    ) -> Result<*const Record<W>, Option<W>> {
-        let rec = Box::into_raw(Box::new(Record {
-            comm,
-            comm_state: comm_state.clone(),
-            claimed: AtomicBool::new(false),
-            window: ManuallyDrop::new(window),
-            next: ptr::null_mut(),
-        }));
-        // SeqCst (not just Release): the add is one side of two Dekker pairs,
-        // against `close` (untrack) and against `forget`'s flag, see
-        // DESIGN.md "Windows".
-        let mut head = self.head.load(Ordering::SeqCst);
-        loop {
-            if head as usize & CLOSED != 0 && check_closed {
-                // SAFETY: `rec` was never shared; take it back whole.
-                let rec = unsafe { Box::from_raw(rec) };
-                return Err(ManuallyDrop::into_inner(rec.window));
-            }
-            let untagged = (head as usize & !CLOSED) as *mut Record<W>;
-            // SAFETY: `rec` is still private to this thread.
-            unsafe { (*rec).next = untagged };
-            let new = if head as usize & CLOSED != 0 {
-                // Negative control only: link behind the closed tag, where
-                // nobody will ever claim it.
-                (rec as usize | CLOSED) as *mut Record<W>
-            } else {
-                rec
-            };
-            match self
-                .head
-                .compare_exchange(head, new, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => return Ok(rec),
-                Err(h) => head = h,
-            }
-        }
-    }
-
-    /// Closes the list and claims every window not claimed yet.
-    pub(crate) fn close(&self, out: &mut Vec<(CommId, W)>) {
-        // SeqCst: the other side of the Dekker pair with `push`.
-        let head = self.head.swap(CLOSED as *mut Record<W>, Ordering::SeqCst);
-        if head as usize & CLOSED != 0 {
-            return; // already closed
-        }
-        // Release: read back only by `claim_comm` (Acquire) and by `Drop`.
-        self.detached.store(head, Ordering::Release);
-        claim_where(head, out, |_| true);
-    }
-
-    /// Claims the windows of one comm.
-    pub(crate) fn claim_comm(&self, comm: CommId, out: &mut Vec<(CommId, W)>) {
-        // Acquire: see the records pushed before, and their windows.
-        let mut head = self.head.load(Ordering::Acquire);
-        if head as usize & CLOSED != 0 {
-            head = self.detached.load(Ordering::Acquire);
-        }
-        claim_where(head, out, |c| c == comm);
-    }
-
-    /// Claims one record that this thread pushed (forget raced the pass).
-    pub(crate) fn claim_own(rec: *const Record<W>) -> Option<W> {
-        // SAFETY: the record belongs to a node held by the caller's pass, so
-        // the node (and its records) cannot be freed.
-        claim(unsafe { &*rec })
-    }
-
-    /// Whether the list is open and holds an unclaimed window of `comm`.
-    pub(crate) fn has_open(&self, comm: CommId) -> bool {
-        let mut found = false;
-        self.for_each_open(|r| found |= r.comm == comm && r.window.is_some());
-        found
-    }
-
-    /// What is recorded for `comm`, copying the window (`W: Copy`, so a
-    /// claimer moving it out concurrently is harmless). A record answers
-    /// only while its comm is not forgotten (`lookup_ignores_forget` is the
-    /// negative control that skips the check). Whether the window was
-    /// claimed is not read: every claimer first closes the list (untrack)
-    /// or sets the comm's `FORGOTTEN` (forget, a pass handing back), and
-    /// `Registry::window_of` re-reads the node's state after this
-    /// (DESIGN.md, "window lookup").
-    pub(crate) fn lookup(&self, comm: CommId, faults: Switches) -> Registration<W>
-    where
-        W: Copy,
-    {
-        // Acquire: pairs with the closing swap, and sees the records pushed
-        // before (and their windows).
-        let head = self.head.load(Ordering::Acquire);
-        if head as usize & CLOSED != 0 {
-            return Registration::Closed;
-        }
-        let mut cur = head;
-        while !cur.is_null() {
-            // SAFETY: as in `for_each_open`.
-            let r = unsafe { &*cur };
-            if r.comm == comm {
-                // One record per comm and segment.
-                return if !faults.lookup_ignores_forget() && r.comm_state.is_forgotten() {
-                    Registration::Forgotten
-                } else {
-                    match *r.window {
-                        Some(w) => Registration::Window(w),
-                        None => Registration::NoWindow,
-                    }
-                };
-            }
-            cur = r.next;
-        }
-        Registration::None
-    }
-
-    /// Calls `f` on each unclaimed record of an open list.
-    pub(crate) fn for_each_open(&self, mut f: impl FnMut(&Record<W>)) {
-        // Acquire: see the records pushed before, and their windows.
-        let head = self.head.load(Ordering::Acquire);
-        if head as usize & CLOSED != 0 {
-            return;
-        }
-        let mut cur = head;
-        while !cur.is_null() {
-            // SAFETY: records live as long as their node, which the caller
-            // keeps alive (a guard or a hold); `next` is immutable once the
-            // record is published.
-            let rec = unsafe { &*cur };
-            // Acquire: a claimed record's window is gone.
-            if !rec.claimed.load(Ordering::Acquire) {
-                f(rec);
-            }
-            cur = rec.next;
-        }
-    }
-
-    /// Number of windows not claimed yet, per comm.
-    pub(crate) fn count_open(&self, mut f: impl FnMut(CommId)) {
-        self.for_each_open(|r| {
-            if r.window.is_some() {
-                f(r.comm)
-            }
-        });
-    }
-}
-
-fn claim<W>(rec: &Record<W>) -> Option<W> {
-    // AcqRel: exactly one claimer wins; Acquire sees the window written
-    // before the record was published.
-    if rec.claimed.swap(true, Ordering::AcqRel) {
-        return None;
-    }
-    // SAFETY: we won the claim: nobody else moves the window out, and
-    // `Drop` will not drop it (it checks `claimed`); concurrent lookups only
-    // copy `W: Copy` values, which a bitwise move does not disturb.
-    unsafe { ptr::read(&*rec.window) }
-}
-
-fn claim_where<W>(
-    mut cur: *mut Record<W>,
-    out: &mut Vec<(CommId, W)>,
-    mut pick: impl FnMut(CommId) -> bool,
-) {
-    cur = (cur as usize & !CLOSED) as *mut Record<W>;
-    while !cur.is_null() {
-        // SAFETY: as in `for_each_open`.
-        let rec = unsafe { &*cur };
-        if pick(rec.comm) {
-            if let Some(w) = claim(rec) {
-                out.push((rec.comm, w));
-            }
-        }
-        cur = rec.next;
-    }
-}
-
-impl<W> Drop for Records<W> {
-    fn drop(&mut self) {
-        // Exclusive access: the node is being freed. Unclaimed windows are
-        // dropped with their records.
-        let head = self.head.load(Ordering::Relaxed);
-        if head as usize & CLOSED != 0 {
-            // The negative control may have linked records behind the tag.
-            free_list((head as usize & !CLOSED) as *mut Record<W>);
-            free_list(self.detached.load(Ordering::Relaxed));
-        } else {
-            free_list(head);
-        }
-    }
-}
-
-fn free_list<W>(mut cur: *mut Record<W>) {
-    while !cur.is_null() {
-        // SAFETY: exclusive access during drop; every record was made by
-        // `Box::into_raw` and is in exactly one list.
-        let mut rec = unsafe { Box::from_raw(cur) };
-        cur = rec.next;
-        // Relaxed: exclusive access.
-        if !rec.claimed.load(Ordering::Relaxed) {
-            // SAFETY: unclaimed, so the window was never moved out.
-            unsafe { ManuallyDrop::drop(&mut rec.window) };
-        }
-    }
-}
-
-// SAFETY: a record's window is moved out by exactly one claimer (guarded by
-// `claimed`), so sharing a list between threads only ever moves `W` across
-// threads, which `W: Send` allows.
-unsafe impl<W: Send> Send for Records<W> {}
-// SAFETY: as above; `&Records` only gives access through the claim protocol.
-unsafe impl<W: Send> Sync for Records<W> {}

@@ -1,5 +1,11 @@
 //! The sync shim: every atomic, fence, lock and reclamation call of the
-//! protocol goes through this module.
+//! registry goes through this module, the protocol's through its root and
+//! the deliberately uninstrumented ones through [`uninstrumented`].
+//!
+//! Two kinds of "pin" exist in the registry, and they are named apart: an
+//! *epoch guard* ([`Reclaimer::guard`]) keeps retired nodes from being
+//! freed while a thread reads; a *watermark pin* (in a node's state word)
+//! keeps a comm's watermark node linked in the log.
 //!
 //! Normally it re-exports `std`'s atomics and wraps `crossbeam-epoch`. Under
 //! the `loom` feature it re-exports loom's atomics and swaps epoch
@@ -7,6 +13,15 @@
 //! nodes alive to the end of the model and fails on any access to a node
 //! after the moment it could really have been freed. The protocol code is the
 //! same in both builds.
+
+/// Atomics that stay `std` under loom on purpose: statistics, diagnostics
+/// and bookkeeping that decide nothing in the protocol (the counters, the
+/// overlap winner kept for error messages, the "orphans parked" flag
+/// whose mutex is `std` too). Declaring them through this path makes the
+/// choice visible where they are declared.
+pub(crate) mod uninstrumented {
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+}
 
 #[cfg(not(feature = "loom"))]
 pub(crate) use std::sync::{
@@ -31,9 +46,10 @@ mod reclaim {
     pub(crate) struct Guard(crossbeam_epoch::Guard);
 
     impl Reclaimer {
-        /// Pins the current thread.
+        /// An epoch guard: nodes retired after it was taken are not freed
+        /// until it is dropped.
         #[inline]
-        pub(crate) fn pin(&self) -> Guard {
+        pub(crate) fn guard(&self) -> Guard {
             Guard(crossbeam_epoch::pin())
         }
     }
@@ -125,8 +141,8 @@ mod reclaim {
     }
 
     impl Reclaimer {
-        /// Pins the current thread.
-        pub(crate) fn pin(&self) -> Guard {
+        /// An epoch guard (see the epoch-based reclaimer's).
+        pub(crate) fn guard(&self) -> Guard {
             let mut st = self.state.lock().unwrap();
             let id = st.next_guard;
             st.next_guard += 1;

@@ -1,19 +1,97 @@
-//! A running registration pass (steps P1–P4 and finish of DESIGN.md).
+//! Registration passes: the entry points (P0) and a running pass (steps
+//! P1–P4 and finish of DESIGN.md).
 
 use std::mem::ManuallyDrop;
 use std::ptr;
-use std::sync::atomic::Ordering as StatOrdering;
 
-use super::{
-    lock, release_hold, try_hold, try_pin, unpin, CommSlot, HandBack, Hold, PassFailure,
-    PassReport, PassResult, Registry,
-};
+use super::comms::{lock, unpin_watermark, CommSlot};
+use super::Registry;
 use crate::comm_state::FORGOTTEN;
-use crate::error::PassError;
+use crate::error::{CommError, PassError};
 use crate::index::AddressIndex;
-use crate::node::{Node, Records};
-use crate::sync::{fence, Ordering};
-use crate::Segment;
+use crate::node::Node;
+use crate::records::Records;
+use crate::results::{release_hold, HandBack, Hold, PassFailure, PassReport, PassResult};
+use crate::sync::{fence, uninstrumented, Ordering};
+use crate::{CommId, Segment};
+
+impl<C, W, I: AddressIndex> Registry<C, W, I> {
+    /// Runs a registration pass for `comm`: calls `register` on every segment
+    /// that was tracked, not registered with `comm`, and not untracked when
+    /// the pass began, in seq order, and records each window it returns
+    /// (`Ok(None)`: registered without a window).
+    ///
+    /// The set is fixed when the pass begins: every segment whose track
+    /// returned before is in it, none whose track begins after; it is
+    /// always a prefix in seq order, so ranks that track in the same order
+    /// register the same segments in the same order. (A track still in
+    /// flight may be in it although a lookup does not find it yet: passes
+    /// linearize with tracks ordered by seq, not with lookups; DESIGN.md
+    /// §6.) A segment untracked while the
+    /// pass holds it is still registered; its window comes back in
+    /// [`PassReport::handed_back`]. On a callback error the pass stops:
+    /// what came before stays registered, the error is returned, and a retry
+    /// resumes at the failed segment. If the callback panics, the panic
+    /// propagates and the registry stays as if the callback had failed; what
+    /// the pass had to hand back is handed back by the next pass on the comm
+    /// (or by `forget`).
+    ///
+    /// Passes on one comm are serialized: a second one gets
+    /// [`CommError::Busy`] at once. No lock and no epoch guard is held
+    /// across `register`. A pass with nothing pending is O(1); otherwise
+    /// O(k + d) for k pending and d untracked-but-unswept nodes in between.
+    pub fn register_pending<E, F>(&self, comm: CommId, register: F) -> PassResult<'_, W, E>
+    where
+        F: FnMut(&C, &Segment) -> Result<Option<W>, E>,
+    {
+        let fail = |e: CommError| PassFailure {
+            error: PassError::Comm(e),
+            report: PassReport::new(comm),
+        };
+        let comms = self.comms.read().unwrap();
+        let slot = comms
+            .get(&comm)
+            .ok_or_else(|| fail(CommError::NotAttached(comm)))?;
+        if let Err(s) = slot.state.try_begin_pass() {
+            return Err(fail(if s & FORGOTTEN != 0 {
+                CommError::NotAttached(comm)
+            } else {
+                CommError::Busy(comm)
+            }));
+        }
+        // Step P0: nothing pending and nothing parked, decided in O(1) with
+        // no epoch pin. The read lock keeps `forget` from removing the slot
+        // (so FORGOTTEN cannot be set while we are BUSY here).
+        // Acquire: pairs with the Release store made after parking.
+        if !slot.has_orphans.load(std::sync::atomic::Ordering::Acquire) {
+            // Acquire: see the cursor node the last pass published.
+            let cursor = slot.cursor.load(Ordering::Acquire);
+            // SAFETY: the cursor node is pinned by this comm, so never
+            // unlinked or freed, and only the BUSY owner (us) moves it.
+            if unsafe { &*cursor }.next_node().is_null() {
+                slot.state.end_idle_pass();
+                return Ok(PassReport::new(comm));
+            }
+        }
+        // Callbacks may attach or forget comms: no lock across them.
+        let slot = slot.clone();
+        drop(comms);
+        PassRun::start(self, &slot).run(register)
+    }
+
+    /// Runs a pass for every attached comm, in attach order, with
+    /// `register(comm, payload, segment)`. A comm whose pass fails does not
+    /// stop the others.
+    pub fn register_pending_all<E, F>(&self, mut register: F) -> Vec<PassResult<'_, W, E>>
+    where
+        F: FnMut(CommId, &C, &Segment) -> Result<Option<W>, E>,
+    {
+        self.comms()
+            .into_iter()
+            .map(|id| self.register_pending(id, |c, s| register(id, c, s)))
+            .collect()
+    }
+}
 
 /// One running pass. Its `Drop` restores the invariants if the callback
 /// panics: the watermark moves past what was done, every remaining hold is
@@ -72,7 +150,7 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
     /// Steps P1-P3: fix the set.
     fn begin(&mut self) {
         let reg = self.reg;
-        let guard = reg.reclaimer.pin();
+        let guard = reg.reclaimer.guard();
         // Acquire: see the cursor node the last pass published.
         let cursor = self.slot.cursor.load(Ordering::Acquire);
         // P1: nothing pending if the watermark is the last node: O(1).
@@ -85,7 +163,7 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
         let end = loop {
             let t = reg.last_node();
             // SAFETY: a linked node, protected by the guard.
-            if try_pin(unsafe { &*t }) {
+            if unsafe { &*t }.try_pin() {
                 break t;
             }
         };
@@ -101,13 +179,13 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
             if naive && o.seq() <= naive_max {
                 return;
             }
-            if try_hold(o) {
+            if o.try_hold() {
                 held.push(o);
             }
         });
         reg.counters
             .pass_steps
-            .fetch_add(steps, StatOrdering::Relaxed);
+            .fetch_add(steps, uninstrumented::Ordering::Relaxed);
         drop(guard);
     }
 
@@ -224,10 +302,10 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
             let new_cursor = if complete {
                 Some(self.end)
             } else {
-                unpin(self.end, &self.reg.counters);
+                unpin_watermark(self.end, &self.reg.counters);
                 self.last_done.inspect(|&o| {
                     // SAFETY: still held (by us or a hand-back), so linked.
-                    let pinned = try_pin(unsafe { &*o });
+                    let pinned = unsafe { &*o }.try_pin();
                     debug_assert!(pinned, "a held node is never unlinked");
                 })
             };
@@ -235,7 +313,7 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
                 // AcqRel: publish the new cursor to `pending` (readers under
                 // a guard) and take the old one to unpin.
                 let old = self.slot.cursor.swap(c as *mut _, Ordering::AcqRel);
-                unpin(old, &self.reg.counters);
+                unpin_watermark(old, &self.reg.counters);
             }
         }
         self.release_last_done();
@@ -260,7 +338,7 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
         if prev & FORGOTTEN != 0 {
             // Readers find null: not attached.
             let c = self.slot.cursor.swap(ptr::null_mut(), Ordering::AcqRel);
-            unpin(c, &self.reg.counters);
+            unpin_watermark(c, &self.reg.counters);
             let mut from = lock(&self.slot.orphans);
             let mut to = lock(&self.reg.orphans);
             to.handed_back.extend(
@@ -295,7 +373,7 @@ impl<C, W, I: AddressIndex> Drop for PassRun<'_, '_, C, W, I> {
         // Release: publishes the parked orphans to `take_orphans`.
         self.slot
             .has_orphans
-            .store(true, std::sync::atomic::Ordering::Release);
+            .store(true, uninstrumented::Ordering::Release);
         self.release_busy();
     }
 }
