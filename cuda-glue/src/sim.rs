@@ -454,6 +454,15 @@ impl fmt::Debug for SimWorld {
     }
 }
 
+/// The outcome of a call whose comm was destroyed while it was in flight
+/// (the destroy reported it as a concurrent call).
+fn destroyed_in_flight(call: &'static str, comm: RawComm) -> BackendError {
+    rejected(
+        call,
+        format!("{comm:?} was destroyed while the call was in flight"),
+    )
+}
+
 fn rejected(call: &'static str, reason: impl Into<String>) -> BackendError {
     BackendError::SimRejected {
         call,
@@ -593,7 +602,17 @@ impl SimWorld {
             ));
         };
         st.free_comm_handles.push(comm.0);
-        let rank = st.comms[&id].members[idx].rank;
+        let member = &st.comms[&id].members[idx];
+        let rank = member.rank;
+        if let Some(&first) = member.in_call.first() {
+            // The destroy is a second call on (comm, rank).
+            st.violations.push(Violation::ConcurrentCalls {
+                comm: id,
+                rank,
+                first,
+                second: "ncclCommDestroy",
+            });
+        }
         let stale: Vec<usize> = st
             .windows
             .iter()
@@ -773,6 +792,14 @@ impl SimWorld {
             return Err(rejected(call, format!("{comm:?} belongs to rank {owner}")));
         }
         Ok((id, idx))
+    }
+
+    /// Whether `comm` still names member `idx` of comm `id`, as it did when
+    /// a call checked it before going in flight: a destroy meanwhile (and a
+    /// new comm that got the handle value back) must not see the call's
+    /// outcome.
+    fn still_live(st: &WorldState, comm: RawComm, id: u64, idx: usize) -> bool {
+        st.handles.get(&comm.0) == Some(&(id, idx))
     }
 
     /// Marks a call in flight on (comm, member), reporting a concurrent one.
@@ -975,6 +1002,10 @@ impl SimWorld {
             trace_reg(&mut st, rank, comm, ptr, None, false);
             return Err(e);
         }
+        if !Self::still_live(&st, comm, id, idx) {
+            trace_reg(&mut st, rank, comm, ptr, None, false);
+            return Err(destroyed_in_flight(CALL, comm));
+        }
         let symmetric = st.comms.get(&id).is_some_and(|c| c.symmetric);
         if !symmetric {
             trace_reg(&mut st, rank, comm, ptr, None, true);
@@ -1132,7 +1163,11 @@ impl SimWorld {
             });
         }
         let mut st = lock(&self.state);
-        let result = Self::deregister_locked(&mut st, rank, id, window);
+        let result = if Self::still_live(&st, comm, id, idx) {
+            Self::deregister_locked(&mut st, rank, id, window)
+        } else {
+            Err(destroyed_in_flight(CALL, comm))
+        };
         Self::leave(&mut st, id, idx, CALL);
         trace_dereg(&mut st, rank, comm, window, result.is_ok());
         result
