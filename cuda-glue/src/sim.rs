@@ -54,12 +54,25 @@ thread_local! {
 /// clears it). Ranks that run the same program label the same sites the
 /// same way; the simulator then names each buffer by (site, number) and
 /// reports ranks that register different buffers at the same position.
+///
+/// Once the thread's thread-locals are destroyed (at thread exit) it does
+/// nothing, and the thread's allocations are unlabelled.
 pub fn set_alloc_site(label: Option<&str>) {
-    SITE.with(|s| *s.borrow_mut() = label.map(Arc::from));
+    let label = label.map(Arc::from);
+    let _ = SITE.try_with(|s| {
+        if let Ok(mut site) = s.try_borrow_mut() {
+            *site = label;
+        }
+    });
 }
 
+/// The calling thread's label; `None` also once its thread-locals are
+/// destroyed (an allocation from a thread-exit handler is unlabelled
+/// instead of a panic).
 fn current_site() -> Option<Arc<str>> {
-    SITE.with(|s| s.borrow().clone())
+    SITE.try_with(|s| s.try_borrow().ok().and_then(|site| site.clone()))
+        .ok()
+        .flatten()
 }
 
 /// The name of a simulated allocation that is the same on every rank that
