@@ -16,7 +16,12 @@
  *   pool = torch.cuda.MemPool(alloc.allocator())
  *
  * Every function reports bad input through its return value and
- * segreg_last_error(); none aborts or unwinds. Thread-safe.
+ * segreg_last_error(); none aborts or unwinds. Thread-safe. That holds for
+ * calls made after the calling thread's thread-locals are gone, too: glibc
+ * destroys them before pthread-key destructors, atexit handlers and C++
+ * static destructors run, where PyTorch frees its pools at exit. Such a
+ * call works as always and its return value still tells success from
+ * failure; only no error message is kept for it (see segreg_last_error).
  *
  * Kept in sync with src/capi.rs by tests/header.rs.
  */
@@ -128,7 +133,9 @@ int segreg_window_get(void *comm, void *ptr, size_t size, void **win,
 int segreg_stats(segreg_stats_t *out, size_t size);
 
 /* Message of the last failed call on this thread, or NULL if that call
- * succeeded. Valid until the thread's next call. */
+ * succeeded. Valid until the thread's next call. Once the thread's
+ * thread-locals are gone (thread or process exit, see the top), a static
+ * message saying that no message is kept, whether or not the call failed. */
 const char *segreg_last_error(void);
 
 /* Simulated backend only: a one-rank simulated comm (NULL on error). */

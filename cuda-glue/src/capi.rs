@@ -5,14 +5,18 @@
 //! error if CUDA or NCCL is missing or NCCL is older than 2.28) or by
 //! [`segreg_init_sim`] (a one-rank simulated backend, for tests). Every
 //! function catches bad input and reports it through its return value and
-//! [`segreg_last_error`]; none unwinds into C.
+//! [`segreg_last_error`]; none unwinds into C or aborts, also when called
+//! after the calling thread's thread-locals are gone (from a pthread-key
+//! destructor, an `atexit` handler or a C++ static destructor, where
+//! PyTorch frees its pools at exit): such a call works as always, only its
+//! error message is not kept (see [`segreg_last_error`]).
 //!
 //! [`segreg_window_get`] is the lookup a kernel launcher calls per tensor
 //! (HCCL's `HcclCommSymWinGet`): lock-free on success, with one error code
 //! per answer (`SEGREG_ERR_*`).
 
 use std::cell::RefCell;
-use std::ffi::{c_char, c_int, c_void, CString};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -108,29 +112,64 @@ static GLOBAL: OnceLock<Global> = OnceLock::new();
 static INIT: Mutex<()> = Mutex::new(());
 
 thread_local! {
+    /// The message of the thread's last call; `None` when it succeeded.
     static LAST_ERROR: RefCell<Option<CString>> = const { RefCell::new(None) };
 }
 
-fn set_error(msg: &str) {
-    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = Some(c));
+/// What [`segreg_last_error`] answers once the calling thread's
+/// thread-locals are destroyed (at thread or process exit), where no
+/// message can be kept.
+const NO_SLOT: &CStr = c"no message kept: this thread's storage is gone (a call made during \
+thread or process exit); the call's return value tells whether it failed";
+
+/// Stores the outcome of the thread's call (`None`: success). Never
+/// panics: once the thread's locals are destroyed (`try_with` fails) the
+/// outcome is not stored, and the slot is never borrowed across a call.
+fn set_last_error(msg: Option<&str>) {
+    let msg = msg.map(|m| CString::new(m.replace('\0', " ")).unwrap_or_default());
+    let _ = LAST_ERROR.try_with(|slot| {
+        if let Ok(mut s) = slot.try_borrow_mut() {
+            *s = msg;
+        }
+    });
 }
 
-/// Runs an API call: clears the thread's last error, turns `Err` (and a
-/// panic, which would be a bug) into `fail` plus a last-error message.
-fn api<R>(fail: R, f: impl FnOnce() -> Result<R, String>) -> R {
-    LAST_ERROR.with(|e| *e.borrow_mut() = None);
+/// The thread's stored message, null after a success, or [`NO_SLOT`].
+fn last_error_ptr() -> *const c_char {
+    LAST_ERROR
+        .try_with(|slot| {
+            slot.try_borrow()
+                .ok()
+                .and_then(|s| s.as_ref().map(|c| c.as_ptr()))
+                .unwrap_or(std::ptr::null())
+        })
+        .unwrap_or(NO_SLOT.as_ptr())
+}
+
+/// Runs an entry point: clears the thread's last error, runs `f` under
+/// `catch_unwind`, and turns `Err((value, message))` into `value` plus the
+/// message, and a panic (a bug) into `internal` plus a message. Nothing
+/// here panics, also after the thread's locals are gone, so no entry
+/// point unwinds into C or aborts.
+fn api_coded<R>(internal: R, f: impl FnOnce() -> Result<R, (R, String)>) -> R {
+    set_last_error(None);
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => v,
-        Ok(Err(msg)) => {
-            set_error(&msg);
-            fail
+        Ok(Err((v, msg))) => {
+            set_last_error(Some(&msg));
+            v
         }
         Err(_) => {
-            set_error("internal error (panic caught at the C boundary)");
-            fail
+            set_last_error(Some("internal error (panic caught at the C boundary)"));
+            internal
         }
     }
+}
+
+/// [`api_coded`] for the entry points that answer every failure with the
+/// same value `fail`.
+fn api<R: Copy>(fail: R, f: impl FnOnce() -> Result<R, String>) -> R {
+    api_coded(fail, || f().map_err(|msg| (fail, msg)))
 }
 
 fn global() -> Result<&'static Global, String> {
@@ -347,35 +386,19 @@ pub unsafe extern "C" fn segreg_window_get(
     win: *mut *mut c_void,
     offset: *mut usize,
 ) -> c_int {
-    LAST_ERROR.with(|e| *e.borrow_mut() = None);
-    let result = catch_unwind(AssertUnwindSafe(
-        || -> Result<(usize, usize), (c_int, String)> {
-            if win.is_null() || offset.is_null() {
-                return Err((
-                    SEGREG_ERR_INVALID,
-                    "null output pointer (win or offset)".into(),
-                ));
-            }
-            let raw = comm_of(comm).map_err(|m| (SEGREG_ERR_INVALID, m))?;
-            let g = global().map_err(|m| (SEGREG_ERR_INVALID, m))?;
-            let hit = g
-                .alloc
-                .window_of_raw(raw, ptr as usize, size)
-                .map_err(|e| (window_error_code(&e), e.to_string()))?;
-            Ok((hit.window.raw, hit.offset))
-        },
-    ));
-    let (code, value) = match result {
-        Ok(Ok(v)) => (SEGREG_OK, v),
-        Ok(Err((code, msg))) => {
-            set_error(&msg);
-            (code, (0, 0))
+    let invalid = |msg: String| ((SEGREG_ERR_INVALID, (0, 0)), msg);
+    let (code, value) = api_coded((SEGREG_ERR_INTERNAL, (0, 0)), || {
+        if win.is_null() || offset.is_null() {
+            return Err(invalid("null output pointer (win or offset)".into()));
         }
-        Err(_) => {
-            set_error("internal error (panic caught at the C boundary)");
-            (SEGREG_ERR_INTERNAL, (0, 0))
-        }
-    };
+        let raw = comm_of(comm).map_err(invalid)?;
+        let hit = global()
+            .map_err(invalid)?
+            .alloc
+            .window_of_raw(raw, ptr as usize, size)
+            .map_err(|e| ((window_error_code(&e), (0, 0)), e.to_string()))?;
+        Ok((SEGREG_OK, (hit.window.raw, hit.offset)))
+    });
     if !win.is_null() {
         // SAFETY: non-null, and the caller guarantees it is valid for a
         // write of a pointer; unaligned write to accept any caller buffer.
@@ -446,9 +469,15 @@ pub unsafe extern "C" fn segreg_stats(out: *mut SegregStats, size: usize) -> c_i
 
 /// The message of the last failed call on this thread, or null if the last
 /// call on this thread succeeded. Valid until the thread's next call.
+///
+/// Once the thread's thread-locals are destroyed (a call from a
+/// pthread-key destructor, an `atexit` handler or a C++ static destructor,
+/// where glibc has already destroyed them), no message is kept: it returns
+/// a static message saying so, whether or not the last call failed; the
+/// calls themselves work as always and their return values still tell.
 #[no_mangle]
 pub extern "C" fn segreg_last_error() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ref().map_or(std::ptr::null(), |c| c.as_ptr()))
+    last_error_ptr()
 }
 
 /// Sim backend only: creates a one-rank simulated comm and returns its raw

@@ -449,23 +449,31 @@ impl Backend for RealBackend {
     }
 
     fn mem_free(&self, ptr: usize) -> Result<(), BackendError> {
-        let Some(device) = lock(&self.devices).get(&ptr).copied() else {
+        // Out of the map before ncclMemFree: once NCCL has the block back,
+        // another thread's ncclMemAlloc may return the same address and
+        // insert its own entry, which a later remove would delete.
+        let Some(device) = lock(&self.devices).remove(&ptr) else {
             return Err(BackendError::InvalidArgument {
                 call: "ncclMemFree",
                 reason: format!("{ptr:#x} was not allocated by this backend"),
             });
         };
-        self.on_device(device, || {
-            // SAFETY: `ptr` came from ncclMemAlloc and was not freed (it is
-            // in `devices`); the allocator deregistered every window over it.
+        let freed = self.on_device(device, || {
+            // SAFETY: `ptr` came from ncclMemAlloc and was not freed (it was
+            // in `devices`, and only this call took it out); the allocator
+            // deregistered every window over it.
             let rc = unsafe { (self.api.mem_free)(ptr as *mut c_void) };
             match rc {
                 0 => Ok(()),
                 _ => Err(self.api.error("ncclMemFree", rc, None)),
             }
-        })?;
-        lock(&self.devices).remove(&ptr);
-        Ok(())
+        });
+        if freed.is_err() {
+            // NCCL kept the memory, so no alloc can have the address: the
+            // entry goes back for a retry.
+            lock(&self.devices).insert(ptr, device);
+        }
+        freed
     }
 
     fn comm_window_register(

@@ -54,12 +54,25 @@ thread_local! {
 /// clears it). Ranks that run the same program label the same sites the
 /// same way; the simulator then names each buffer by (site, number) and
 /// reports ranks that register different buffers at the same position.
+///
+/// Once the thread's thread-locals are destroyed (at thread exit) it does
+/// nothing, and the thread's allocations are unlabelled.
 pub fn set_alloc_site(label: Option<&str>) {
-    SITE.with(|s| *s.borrow_mut() = label.map(Arc::from));
+    let label = label.map(Arc::from);
+    let _ = SITE.try_with(|s| {
+        if let Ok(mut site) = s.try_borrow_mut() {
+            *site = label;
+        }
+    });
 }
 
+/// The calling thread's label; `None` also once its thread-locals are
+/// destroyed (an allocation from a thread-exit handler is unlabelled
+/// instead of a panic).
 fn current_site() -> Option<Arc<str>> {
-    SITE.with(|s| s.borrow().clone())
+    SITE.try_with(|s| s.try_borrow().ok().and_then(|site| site.clone()))
+        .ok()
+        .flatten()
 }
 
 /// The name of a simulated allocation that is the same on every rank that
@@ -454,6 +467,15 @@ impl fmt::Debug for SimWorld {
     }
 }
 
+/// The outcome of a call whose comm was destroyed while it was in flight
+/// (the destroy reported it as a concurrent call).
+fn destroyed_in_flight(call: &'static str, comm: RawComm) -> BackendError {
+    rejected(
+        call,
+        format!("{comm:?} was destroyed while the call was in flight"),
+    )
+}
+
 fn rejected(call: &'static str, reason: impl Into<String>) -> BackendError {
     BackendError::SimRejected {
         call,
@@ -593,7 +615,17 @@ impl SimWorld {
             ));
         };
         st.free_comm_handles.push(comm.0);
-        let rank = st.comms[&id].members[idx].rank;
+        let member = &st.comms[&id].members[idx];
+        let rank = member.rank;
+        if let Some(&first) = member.in_call.first() {
+            // The destroy is a second call on (comm, rank).
+            st.violations.push(Violation::ConcurrentCalls {
+                comm: id,
+                rank,
+                first,
+                second: "ncclCommDestroy",
+            });
+        }
         let stale: Vec<usize> = st
             .windows
             .iter()
@@ -773,6 +805,14 @@ impl SimWorld {
             return Err(rejected(call, format!("{comm:?} belongs to rank {owner}")));
         }
         Ok((id, idx))
+    }
+
+    /// Whether `comm` still names member `idx` of comm `id`, as it did when
+    /// a call checked it before going in flight: a destroy meanwhile (and a
+    /// new comm that got the handle value back) must not see the call's
+    /// outcome.
+    fn still_live(st: &WorldState, comm: RawComm, id: u64, idx: usize) -> bool {
+        st.handles.get(&comm.0) == Some(&(id, idx))
     }
 
     /// Marks a call in flight on (comm, member), reporting a concurrent one.
@@ -975,6 +1015,10 @@ impl SimWorld {
             trace_reg(&mut st, rank, comm, ptr, None, false);
             return Err(e);
         }
+        if !Self::still_live(&st, comm, id, idx) {
+            trace_reg(&mut st, rank, comm, ptr, None, false);
+            return Err(destroyed_in_flight(CALL, comm));
+        }
         let symmetric = st.comms.get(&id).is_some_and(|c| c.symmetric);
         if !symmetric {
             trace_reg(&mut st, rank, comm, ptr, None, true);
@@ -1132,7 +1176,11 @@ impl SimWorld {
             });
         }
         let mut st = lock(&self.state);
-        let result = Self::deregister_locked(&mut st, rank, id, window);
+        let result = if Self::still_live(&st, comm, id, idx) {
+            Self::deregister_locked(&mut st, rank, id, window)
+        } else {
+            Err(destroyed_in_flight(CALL, comm))
+        };
         Self::leave(&mut st, id, idx, CALL);
         trace_dereg(&mut st, rank, comm, window, result.is_ok());
         result

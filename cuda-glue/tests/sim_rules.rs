@@ -245,6 +245,66 @@ fn freeing_memory_during_its_registration_is_reported() {
     );
 }
 
+/// A comm destroyed while a registration on it is in flight: the destroy
+/// is a second call on the comm, and the registration, checked before the
+/// destroy, issues no window for the dead comm (nobody could deregister
+/// it, and a comm made meanwhile gets the same handle value).
+#[test]
+fn destroying_a_comm_during_its_registration_is_reported_and_issues_no_window() {
+    // Two ranks: rank 1's member keeps the comm alive after rank 0's goes.
+    let w = SimWorld::new(2);
+    let c = w.comm_create(&[0, 1]).unwrap()[0];
+    let b = w.rank(0).unwrap();
+    let p = b.mem_alloc(2 * MIB, 0).unwrap();
+    let (entered, release) = park_first(&w, SimOp::Register);
+    let t = {
+        let b = b.clone();
+        thread::spawn(move || b.comm_window_register(c, p, 2 * MIB, F))
+    };
+    entered.wait();
+    w.comm_destroy(c).unwrap();
+    let again = w.comm_create(&[0]).unwrap()[0];
+    assert_eq!(again, c, "the handle value comes back");
+    release.wait();
+    let r = t.join().unwrap();
+    assert_eq!(
+        (
+            r.is_err(),
+            w.stats().live_windows,
+            w.windows_on(again),
+            kinds(&w)
+        ),
+        (true, 0, vec![], vec!["concurrent-calls"]),
+        "register's result: {r:?}"
+    );
+}
+
+/// The same for a deregistration: the destroy is reported as a second
+/// call (and drops the window), not the late deregistration as a double
+/// one.
+#[test]
+fn destroying_a_comm_during_a_deregistration_is_reported_as_concurrent() {
+    let w = SimWorld::new(1);
+    let c = w.comm_create(&[0]).unwrap()[0];
+    let b = w.rank(0).unwrap();
+    let p = b.mem_alloc(2 * MIB, 0).unwrap();
+    let win = b.comm_window_register(c, p, 2 * MIB, F).unwrap().unwrap();
+    let (entered, release) = park_first(&w, SimOp::Deregister);
+    let t = {
+        let b = b.clone();
+        thread::spawn(move || b.comm_window_deregister(c, win))
+    };
+    entered.wait();
+    w.comm_destroy(c).unwrap();
+    release.wait();
+    let r = t.join().unwrap();
+    assert_eq!(
+        (r.is_err(), w.stats().live_windows, kinds(&w)),
+        (true, 0, vec!["concurrent-calls", "destroy-with-windows"]),
+        "deregister's result: {r:?}"
+    );
+}
+
 #[test]
 fn duplicate_registration_is_reported_and_gets_a_second_window() {
     let w = SimWorld::new(1);

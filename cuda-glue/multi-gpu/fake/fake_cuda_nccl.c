@@ -12,6 +12,12 @@
  * hang. One file is both libraries: link it as libcuda.so, libnccl.so and
  * libnccl.so.2 (the dynamic loader maps it once, so they share state).
  *
+ * ncclMemAlloc hands back the block freed last first (as cuMem's address
+ * reuse does), and a test can park the next ncclMemFree after it has given
+ * its block back (fake_nccl_pause_next_free and friends, at the end), so
+ * that another thread's ncclMemAlloc lands inside that free, and can ask
+ * what is still allocated (fake_nccl_outstanding).
+ *
  *   cc -shared -fPIC -O2 -o libfake.so fake_cuda_nccl.c
  */
 #define _GNU_SOURCE
@@ -30,6 +36,7 @@
 #define TOTAL_MEM (80ull << 30)
 #define WAIT_SECONDS 60
 #define MAX_ALLOCS 4096
+#define MAX_SPARE 64
 
 /* ---------------------------------------------------------------- CUDA */
 
@@ -200,22 +207,68 @@ int ncclCommCount(const fake_comm *c, int *n) { *n = c->nranks; return 0; }
 int ncclCommUserRank(const fake_comm *c, int *r) { *r = c->rank; return 0; }
 int ncclCommCuDevice(const fake_comm *c, int *d) { *d = c->device; return 0; }
 
+/* Freed blocks kept for reuse, the last freed on top. */
+static struct { void *ptr; size_t size; } spare[MAX_SPARE];
+static int nspare;
+
+/* The topmost spare block of `len` bytes, taken off the stack, or NULL.
+ * Caller holds mu. */
+static void *take_spare(size_t len) {
+    for (int i = nspare - 1; i >= 0; i--) {
+        if (spare[i].size != len) continue;
+        void *p = spare[i].ptr;
+        memmove(&spare[i], &spare[i + 1], (size_t)(nspare - 1 - i) * sizeof spare[0]);
+        nspare--;
+        return p;
+    }
+    return NULL;
+}
+
+/* Keeps a freed block for reuse; the bottom one goes back to the C heap
+ * when the stack is full. Caller holds mu. */
+static void keep_spare(void *p, size_t len) {
+    if (nspare == MAX_SPARE) {
+        free(spare[0].ptr);
+        memmove(&spare[0], &spare[1], (MAX_SPARE - 1) * sizeof spare[0]);
+        nspare--;
+    }
+    spare[nspare].ptr = p;
+    spare[nspare].size = len;
+    nspare++;
+}
+
+/* The test controls' state (see the end of the file); guarded by mu. */
+static pthread_cond_t pause_cv = PTHREAD_COND_INITIALIZER;
+static int pause_armed, pause_parked, pause_released;
+
+/* Parks the calling ncclMemFree if a test armed the pause. Caller holds mu. */
+static void maybe_park(void) {
+    if (!pause_armed) return;
+    pause_armed = 0;
+    pause_parked = 1;
+    pause_released = 0;
+    pthread_cond_broadcast(&pause_cv);
+    while (!pause_released) pthread_cond_wait(&pause_cv, &mu);
+    pause_parked = 0;
+    pthread_cond_broadcast(&pause_cv);
+}
+
 int ncclMemAlloc(void **ptr, size_t size) {
     if (!size) return ncclInvalidArgument;
     size_t len = (size + GRANULARITY - 1) / GRANULARITY * GRANULARITY;
-    void *p = NULL;
-    if (posix_memalign(&p, GRANULARITY, len) != 0) return ncclSystemError;
     pthread_mutex_lock(&mu);
     int slot = -1;
     for (int i = 0; i < MAX_ALLOCS && slot < 0; i++)
         if (!allocs[i].ptr) slot = i;
-    if (slot >= 0) {
+    void *p = slot < 0 ? NULL : take_spare(len);
+    if (slot >= 0 && !p && posix_memalign(&p, GRANULARITY, len) != 0) p = NULL;
+    if (p) {
         allocs[slot].ptr = p;
         allocs[slot].size = len;
         allocated += len;
     }
     pthread_mutex_unlock(&mu);
-    if (slot < 0) { free(p); return ncclSystemError; }
+    if (!p) return ncclSystemError;
     *ptr = p;
     return 0;
 }
@@ -226,14 +279,16 @@ int ncclMemFree(void *ptr) {
     for (int i = 0; i < MAX_ALLOCS; i++)
         if (allocs[i].ptr == ptr) {
             allocated -= allocs[i].size;
+            keep_spare(ptr, allocs[i].size);
             allocs[i].ptr = NULL;
             found = 1;
             break;
         }
+    /* The block is reusable now: a parked free lets another thread's
+     * ncclMemAlloc get it back before this call returns. */
+    if (found) maybe_park();
     pthread_mutex_unlock(&mu);
-    if (!found) return ncclInvalidArgument;
-    free(ptr);
-    return 0;
+    return found ? 0 : ncclInvalidArgument;
 }
 
 /* Collective: every rank registers a buffer of the same size. */
@@ -289,4 +344,46 @@ int ncclAllReduce(const void *src, void *dst, size_t count, int dtype, int op, f
     free(sum);
     free(part);
     return rc;
+}
+
+/* ------------------------------------------------------- test controls */
+
+/* Arms the pause: the next ncclMemFree that finds its block waits, after
+ * the block is reusable, until fake_nccl_resume_free. */
+void fake_nccl_pause_next_free(void) {
+    pthread_mutex_lock(&mu);
+    pause_armed = 1;
+    pthread_mutex_unlock(&mu);
+}
+
+/* Waits until an ncclMemFree is parked: 0, or -1 after `seconds`. */
+int fake_nccl_wait_paused(int seconds) {
+    struct timespec end;
+    clock_gettime(CLOCK_REALTIME, &end);
+    end.tv_sec += seconds;
+    pthread_mutex_lock(&mu);
+    int rc = 0;
+    while (!pause_parked && rc == 0) rc = pthread_cond_timedwait(&pause_cv, &mu, &end);
+    int parked = pause_parked;
+    pthread_mutex_unlock(&mu);
+    return parked ? 0 : -1;
+}
+
+/* Lets a parked ncclMemFree return and disarms a pause not taken yet. */
+void fake_nccl_resume_free(void) {
+    pthread_mutex_lock(&mu);
+    pause_armed = 0;
+    pause_released = 1;
+    pthread_cond_broadcast(&pause_cv);
+    pthread_mutex_unlock(&mu);
+}
+
+/* Bytes and blocks allocated by ncclMemAlloc and not freed. */
+void fake_nccl_outstanding(size_t *bytes, size_t *blocks) {
+    pthread_mutex_lock(&mu);
+    size_t n = 0;
+    for (int i = 0; i < MAX_ALLOCS; i++) n += allocs[i].ptr != NULL;
+    *bytes = allocated;
+    *blocks = n;
+    pthread_mutex_unlock(&mu);
 }
