@@ -764,13 +764,6 @@ fn model5_readers_race_untrack() {
     Model::new("5 readers race untrack", 3).check(&RUNS_5, readers_race_untrack);
 }
 
-// The sweep models are ignored for now. The model reclaimer lacks the
-// `fence(SeqCst)` that crossbeam-epoch executes when a thread pins and when
-// it seals retired garbage, so a reader that pins *after* a retirement may
-// still read, through a stale index slot or log link, the node just
-// retired, and the reclaimer reports it as reclaimed: a false alarm
-// (RESULTS.md, "Registry changes needed").
-
 /// P, Q, R, S are tracked (P seq 1 … S seq 4) and P untracked, so the log is
 /// `P† Q R S`. One thread untracks Q, which sweeps (slack 0: 2 dead > 2/2
 /// live) and unlinks P and Q — everything but the last two nodes — while
