@@ -19,7 +19,7 @@ pub(crate) struct Node<W> {
     /// track time in the naive negative control); read after that link.
     seq: AtomicU64,
     /// See [`State`].
-    pub(crate) state: AtomicU64,
+    state: AtomicU64,
     /// The log link. Written from null to a node by an append (CAS); marked
     /// (frozen) once the node is claimed for unlinking; swung from a node to
     /// a later one by a sweeper's CAS (DESIGN.md, "sweep").
@@ -103,13 +103,13 @@ impl<W> Node<W> {
     }
 
     /// Applies `f` to the state word by compare-and-swap until it succeeds
-    /// (`Ok(old)`) or `f` declines (`Err(current)`). Every transition of the
-    /// state word but the plain counters goes through here. SeqCst: the
-    /// overlap argument (DESIGN.md §5) needs these in the single total order.
-    pub(crate) fn update_state(
-        &self,
-        mut f: impl FnMut(State) -> Option<State>,
-    ) -> Result<State, State> {
+    /// (`Ok(old)`) or `f` declines (`Err(current)`). Every decision about
+    /// the node (a phase change, a pin that must not meet an unlink, the
+    /// unlink claim) goes through here; the hold and pin counts and the
+    /// `IN_INDEX`/`WITHDRAWN` bits change by one RMW each, in the methods
+    /// below. SeqCst: the overlap argument (DESIGN.md §5) needs these in
+    /// the single total order.
+    fn update_state(&self, mut f: impl FnMut(State) -> Option<State>) -> Result<State, State> {
         let mut st = self.load_state();
         loop {
             let Some(new) = f(st) else { return Err(st) };

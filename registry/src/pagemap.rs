@@ -23,6 +23,7 @@
 //! Tables are allocated on first use and freed with the map: 4 KiB per
 //! 512 granules (1 GiB of address space at 2 MiB) that ever held a segment.
 
+use crate::faults::Switches;
 use crate::sync::{AtomicUsize, Ordering};
 
 /// Bits of the granule number each level resolves.
@@ -218,9 +219,10 @@ impl PageMap {
     /// counts exactly the nodes that published there and have not withdrawn
     /// (dead ones included): only a node itself adds or removes its share.
     ///
-    /// `overwrite_whole` is the `page_overwrite` negative control: a granule
+    /// `faults.page_overwrite()` is the negative control: a granule
     /// the node covers whole is overwritten instead.
-    pub(crate) fn publish(&self, addr: usize, end: usize, node: usize, overwrite_whole: bool) {
+    pub(crate) fn publish(&self, addr: usize, end: usize, node: usize, faults: Switches) {
+        let overwrite_whole = faults.page_overwrite();
         debug_assert!(node != 0 && !is_count(node));
         let Some((first, last)) = self.granules(addr, end) else {
             return;
@@ -309,13 +311,13 @@ mod tests {
         let m = PageMap::new(G);
         assert_eq!(m.probe(5 * G), Probe::Empty);
         // A segment of three granules.
-        m.publish(4 * G, 7 * G, 0x1000, false);
+        m.publish(4 * G, 7 * G, 0x1000, Switches::default());
         for g in 4..7 {
             assert_eq!(m.probe(g * G + 17), Probe::One(0x1000));
         }
         assert_eq!(m.probe(7 * G), Probe::Empty);
         // A second segment sharing granule 6 (unaligned): a count.
-        m.publish(6 * G + 64, 8 * G, 0x2000, false);
+        m.publish(6 * G + 64, 8 * G, 0x2000, Switches::default());
         assert_eq!(m.probe(6 * G), Probe::Ask);
         assert_eq!(m.probe(7 * G), Probe::One(0x2000));
         m.withdraw(4 * G, 7 * G, 0x1000);
@@ -326,8 +328,8 @@ mod tests {
         assert_eq!(m.probe(7 * G), Probe::Empty);
         // A node whose predecessor at the same address has not withdrawn
         // yet is counted with it; the count empties only when both left.
-        m.publish(G, 2 * G, 0x3000, false);
-        m.publish(G, 2 * G, 0x4000, false);
+        m.publish(G, 2 * G, 0x3000, Switches::default());
+        m.publish(G, 2 * G, 0x4000, Switches::default());
         assert_eq!(m.probe(G), Probe::Ask);
         m.withdraw(G, 2 * G, 0x3000);
         assert_eq!(m.probe(G), Probe::Ask, "count 1: identity unknown");
@@ -339,7 +341,7 @@ mod tests {
     fn a_segment_across_last_level_tables() {
         let m = PageMap::new(G);
         let (first, last) = (FANOUT - 2, 2 * FANOUT + 1);
-        m.publish(first * G, (last + 1) * G, 0x1000, false);
+        m.publish(first * G, (last + 1) * G, 0x1000, Switches::default());
         for g in first..=last {
             assert_eq!(m.probe(g * G), Probe::One(0x1000), "granule {g}");
         }
@@ -355,14 +357,14 @@ mod tests {
     fn beyond_the_map_and_off() {
         let m = PageMap::new(G);
         let top = G << (LEVEL_BITS * LEVELS);
-        m.publish(top, top + G, 0x1000, false);
+        m.publish(top, top + G, 0x1000, Switches::default());
         assert_eq!(m.probe(top), Probe::Ask);
         // A segment straddling the limit is published below it only.
-        m.publish(top - G, top + G, 0x2000, false);
+        m.publish(top - G, top + G, 0x2000, Switches::default());
         assert_eq!(m.probe(top - 1), Probe::One(0x2000));
         assert_eq!(m.probe(usize::MAX), Probe::Ask);
         let off = PageMap::new(0);
-        off.publish(0, G, 0x1000, false);
+        off.publish(0, G, 0x1000, Switches::default());
         assert_eq!(off.probe(0), Probe::Ask);
         assert_eq!(off.granule(), 0);
         assert_eq!(PageMap::new(3 << 20).granule(), 4 << 20, "rounded up");

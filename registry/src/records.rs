@@ -62,14 +62,14 @@ impl<W> Records<W> {
 
     /// Records a registration (`window == None`: registered without a
     /// window). Fails, giving the window back, if the list is closed (the
-    /// segment was untracked). `check_closed == false` is the negative
+    /// segment was untracked). `faults.unchecked_window_add()` is the negative
     /// control that forgets to look.
     pub(crate) fn push(
         &self,
         comm: CommId,
         comm_state: &Arc<CommState>,
         window: Option<W>,
-        check_closed: bool,
+        faults: Switches,
     ) -> Result<*const Record<W>, Option<W>> {
         let rec = Box::into_raw(Box::new(Record {
             comm,
@@ -83,7 +83,7 @@ impl<W> Records<W> {
         // DESIGN.md "Windows".
         let mut head = self.head.load(Ordering::SeqCst);
         loop {
-            if head as usize & CLOSED != 0 && check_closed {
+            if head as usize & CLOSED != 0 && !faults.unchecked_window_add() {
                 // SAFETY: `rec` was never shared; take it back whole.
                 let rec = unsafe { Box::from_raw(rec) };
                 return Err(ManuallyDrop::into_inner(rec.window));

@@ -147,7 +147,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             // SAFETY: protected by the guard.
             let o = unsafe { &*p };
             if o.load_state().is_committed() {
-                pages.publish(o.addr, o.end(), p as usize, false);
+                pages.publish(o.addr, o.end(), p as usize, Switches::default());
             }
             true
         });

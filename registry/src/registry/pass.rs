@@ -219,11 +219,10 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
             }
             self.report.registered.push(seg);
             let mut owns = true;
-            let check = !self.reg.faults.unchecked_window_add();
             match node
                 .get()
                 .records
-                .push(comm, &self.slot.state, window, check)
+                .push(comm, &self.slot.state, window, self.reg.faults)
             {
                 Err(Some(w)) => {
                     // Untracked while we registered it: hand it back.

@@ -115,7 +115,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             me.addr,
             me.end(),
             me as *const Node<W> as usize,
-            self.faults.page_overwrite(),
+            self.faults,
         );
     }
 
