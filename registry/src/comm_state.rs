@@ -18,12 +18,14 @@ pub(crate) struct CommState(AtomicU64);
 
 impl CommState {
     /// Attached, no pass running.
+    #[inline]
     pub(crate) fn new() -> Self {
         CommState(AtomicU64::new(0))
     }
 
     /// A pass takes the comm: `Ok` if it was idle and attached, else the
     /// word as it was.
+    #[inline]
     pub(crate) fn try_begin_pass(&self) -> Result<(), u64> {
         // Acquire: see the cursor the previous pass left. Relaxed on
         // failure: the caller only reports the bits.
@@ -35,12 +37,14 @@ impl CommState {
     /// The pass that found nothing to do gives the comm back (it changed
     /// nothing, and `forget` cannot have run meanwhile: P0 holds the comm
     /// table's read lock).
+    #[inline]
     pub(crate) fn end_idle_pass(&self) {
         // Release: hands the (unchanged) slot to the next pass.
         self.0.fetch_and(!BUSY, Ordering::Release);
     }
 
     /// The pass gives the comm back; the word as it was.
+    #[inline]
     pub(crate) fn end_pass(&self) -> u64 {
         // AcqRel: Release publishes the cursor to the next pass; Acquire
         // sees what `forget` did before setting FORGOTTEN.
@@ -48,12 +52,14 @@ impl CommState {
     }
 
     /// `forget` marks the comm; the word as it was.
+    #[inline]
     pub(crate) fn forget(&self) -> u64 {
         // SeqCst: one side of the Dekker pair with a pass's record add.
         self.0.fetch_or(FORGOTTEN, Ordering::SeqCst)
     }
 
     /// Whether the comm was forgotten.
+    #[inline]
     pub(crate) fn is_forgotten(&self) -> bool {
         // SeqCst: the other side of forget's fetch_or (a pass after its
         // record add and fence; a lookup after reading the record).

@@ -110,6 +110,7 @@ impl Counters {
 
     /// A node became sweepable (an untrack, or the release of its last
     /// hold or pin); the count after this one.
+    #[inline]
     pub(crate) fn became_sweepable(&self) -> usize {
         self.unswept.fetch_add(1, Relaxed) + 1
     }
@@ -137,6 +138,7 @@ impl Counters {
     }
 
     /// A segment of `len` bytes became tracked.
+    #[inline]
     pub(crate) fn tracked(&self, len: usize) {
         let s = self.mine();
         // Relaxed: the untrack that follows this track is ordered after it
@@ -147,6 +149,7 @@ impl Counters {
     }
 
     /// A segment of `len` bytes was untracked.
+    #[inline]
     pub(crate) fn untracked(&self, len: usize) {
         let s = self.mine();
         // Release: a reader that acquires this count also sees the track's
