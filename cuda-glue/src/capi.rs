@@ -20,6 +20,8 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use segment_registry::WindowLookupError;
+
 use crate::allocator::{Allocator, CommState, WindowError};
 use crate::backend::{Backend, RawComm};
 use crate::real::RealBackend;
@@ -354,15 +356,34 @@ pub extern "C" fn segreg_detach(comm: *mut c_void) -> c_int {
     })
 }
 
-/// The C code of a lookup answer.
-fn window_error_code(e: &WindowError) -> c_int {
-    match e {
-        WindowError::NotAttached(_) | WindowError::UnknownComm(_) => SEGREG_ERR_NOT_ATTACHED,
-        WindowError::NotTracked { .. } => SEGREG_ERR_NOT_TRACKED,
-        WindowError::CrossesEnd { .. } => SEGREG_ERR_CROSSES_END,
-        WindowError::NotRegistered { .. } => SEGREG_ERR_NOT_REGISTERED,
-        WindowError::NoWindow { .. } => SEGREG_ERR_NO_WINDOW,
-    }
+/// The C answer to a failed lookup: its `SEGREG_ERR_*` code, and a message
+/// that says what the code means (the header's words) and then what the
+/// lookup found.
+fn lookup_failure(e: &WindowError) -> (c_int, String) {
+    use WindowLookupError as L;
+    let (code, meaning) = match e {
+        WindowError::UnknownComm(_) | WindowError::Lookup(L::NotAttached(_)) => (
+            SEGREG_ERR_NOT_ATTACHED,
+            "comm not attached (never, or detached)",
+        ),
+        WindowError::Lookup(L::NotTracked { .. }) => (
+            SEGREG_ERR_NOT_TRACKED,
+            "no live allocation contains ptr (or freed)",
+        ),
+        WindowError::Lookup(L::CrossesEnd { .. }) => (
+            SEGREG_ERR_CROSSES_END,
+            "[ptr, ptr+size) runs past its allocation",
+        ),
+        WindowError::Lookup(L::NotRegistered { .. }) => (
+            SEGREG_ERR_NOT_REGISTERED,
+            "not registered with comm yet: run segreg_register",
+        ),
+        WindowError::Lookup(L::NoWindow { .. }) => (
+            SEGREG_ERR_NO_WINDOW,
+            "registered, null window: no symmetric support",
+        ),
+    };
+    (code, format!("{meaning}: {e}"))
 }
 
 /// The window registered with the attached comm for the allocation that
@@ -396,7 +417,10 @@ pub unsafe extern "C" fn segreg_window_get(
             .map_err(invalid)?
             .alloc
             .window_of_raw(raw, ptr as usize, size)
-            .map_err(|e| ((window_error_code(&e), (0, 0)), e.to_string()))?;
+            .map_err(|e| {
+                let (code, msg) = lookup_failure(&e);
+                ((code, (0, 0)), msg)
+            })?;
         Ok((SEGREG_OK, (hit.window.raw, hit.offset)))
     });
     if !win.is_null() {

@@ -1,101 +1,22 @@
 //! Window lookup: which window of a comm covers a tensor, at which offset
 //! (HCCL's `HcclCommSymWinGet`), from the registry alone.
 
-use segment_registry::{CommId, Segment, WindowLookupError};
+use segment_registry::{CommId, WindowLookupError, WindowRef};
 
 use super::raw_index::RawLookup;
 use super::Allocator;
 use crate::backend::{Backend, RawComm, Window};
 
-/// A window found by [`Allocator::window_of`]: what NCCL's device API
-/// needs to address the tensor, `ncclGetLocalPointer(window, offset)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WindowHit {
-    /// The window registered with the comm for the segment (its `raw` is
-    /// the `ncclWindow_t`).
-    pub window: Window,
-    /// Offset of the queried pointer from the start of the window (the
-    /// segment's start: windows cover whole segments).
-    pub offset: usize,
-    /// The segment that contains the queried range.
-    pub segment: Segment,
-}
-
-/// Why [`Allocator::window_of`] (or [`Allocator::window_of_raw`]) returned
-/// no window. Every answer of the registry has its own variant.
+/// Why [`Allocator::window_of_raw`] returned no window: no attached comm
+/// has the raw handle, or the registry's answer for the comm that has it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum WindowError {
-    /// The comm is not attached (never attached, detached, or being
-    /// detached).
-    #[error("{0} is not attached")]
-    NotAttached(CommId),
-    /// No attached comm has this raw handle ([`Allocator::window_of_raw`]).
+    /// No attached comm has this raw handle.
     #[error("{0:?} is not attached")]
     UnknownComm(RawComm),
-    /// No live allocation of this allocator contains the pointer (an
-    /// unknown pointer, or one whose allocation was freed).
-    #[error("no live allocation contains {ptr:#x} (unknown pointer, or freed)")]
-    NotTracked {
-        /// The pointer given.
-        ptr: usize,
-    },
-    /// The range starts inside an allocation but runs past its end.
-    #[error(
-        "[{ptr:#x}, +{size}) runs past the end of the allocation at {:#x} ({} bytes)",
-        segment.addr,
-        segment.len
-    )]
-    CrossesEnd {
-        /// The pointer given.
-        ptr: usize,
-        /// The size given.
-        size: usize,
-        /// The allocation that contains `ptr`.
-        segment: Segment,
-    },
-    /// The allocation is not registered with this comm yet: no pass has run
-    /// on the comm since it was allocated (or one is registering it now).
-    #[error(
-        "the allocation at {:#x} is not registered with {comm} yet (run a registration pass)",
-        segment.addr
-    )]
-    NotRegistered {
-        /// The comm.
-        comm: CommId,
-        /// The allocation.
-        segment: Segment,
-    },
-    /// Registered, but NCCL returned a null window: the comm has no
-    /// symmetric-memory support.
-    #[error(
-        "the allocation at {:#x} is registered with {comm} without a window \
-         (no symmetric support)",
-        segment.addr
-    )]
-    NoWindow {
-        /// The comm.
-        comm: CommId,
-        /// The allocation.
-        segment: Segment,
-    },
-}
-
-impl From<WindowLookupError> for WindowError {
-    fn from(e: WindowLookupError) -> Self {
-        match e {
-            WindowLookupError::NotAttached(c) => WindowError::NotAttached(c),
-            WindowLookupError::NotTracked { ptr } => WindowError::NotTracked { ptr },
-            WindowLookupError::CrossesEnd { ptr, size, segment } => {
-                WindowError::CrossesEnd { ptr, size, segment }
-            }
-            WindowLookupError::NotRegistered { comm, segment } => {
-                WindowError::NotRegistered { comm, segment }
-            }
-            WindowLookupError::NoWindow { comm, segment } => {
-                WindowError::NoWindow { comm, segment }
-            }
-        }
-    }
+    /// The registry's answer ([`Allocator::window_of`]'s).
+    #[error(transparent)]
+    Lookup(#[from] WindowLookupError),
 }
 
 impl<B: Backend> Allocator<B> {
@@ -122,19 +43,19 @@ impl<B: Backend> Allocator<B> {
     ///
     /// ```
     /// # #[cfg(not(feature = "loom"))] {
-    /// use segment_registry_nccl::{allocator::WindowError, sim::SimWorld, Allocator};
+    /// use segment_registry_nccl::{sim::SimWorld, Allocator, WindowLookupError};
     ///
     /// let world = SimWorld::new(1);
     /// let alloc = Allocator::new(world.rank(0).unwrap());
     /// let comm = alloc.attach(world.comm_create(&[0]).unwrap()[0]).unwrap();
     /// let p = alloc.alloc(4 << 20, 0).unwrap();
     /// let t = p + 8192; // a tensor carved out of the allocation
-    /// assert!(matches!(alloc.window_of(comm, t, 1024), Err(WindowError::NotRegistered { .. })));
+    /// assert!(matches!(alloc.window_of(comm, t, 1024), Err(WindowLookupError::NotRegistered { .. })));
     /// alloc.register(comm).unwrap();
     /// let hit = alloc.window_of(comm, t, 1024).unwrap();
     /// assert_eq!((hit.offset, hit.segment.addr), (8192, p));
     /// alloc.free(p).unwrap();
-    /// assert!(matches!(alloc.window_of(comm, t, 1024), Err(WindowError::NotTracked { .. })));
+    /// assert!(matches!(alloc.window_of(comm, t, 1024), Err(WindowLookupError::NotTracked { .. })));
     /// # }
     /// ```
     pub fn window_of(
@@ -142,13 +63,8 @@ impl<B: Backend> Allocator<B> {
         comm: CommId,
         ptr: usize,
         size: usize,
-    ) -> Result<WindowHit, WindowError> {
-        let found = self.registry.window_of(comm, ptr, size)?;
-        Ok(WindowHit {
-            window: found.window,
-            offset: found.offset,
-            segment: found.segment,
-        })
+    ) -> Result<WindowRef<Window>, WindowLookupError> {
+        self.registry.window_of(comm, ptr, size)
     }
 
     /// [`window_of`](Self::window_of) for a raw `ncclComm_t`: finds the
@@ -158,20 +74,20 @@ impl<B: Backend> Allocator<B> {
     /// in the index is looked up in the comm table under its read lock.
     ///
     /// A handle whose comm was detached answers
-    /// [`WindowError::UnknownComm`] (or [`WindowError::NotAttached`] when
-    /// the detach overlaps the call), never a window of a comm attached
-    /// later at the same address.
+    /// [`WindowError::UnknownComm`] (or the registry's
+    /// [`WindowLookupError::NotAttached`] when the detach overlaps the call),
+    /// never a window of a comm attached later at the same address.
     pub fn window_of_raw(
         &self,
         comm: RawComm,
         ptr: usize,
         size: usize,
-    ) -> Result<WindowHit, WindowError> {
+    ) -> Result<WindowRef<Window>, WindowError> {
         let id = match self.raw_index.find(comm) {
             RawLookup::Found(id) => id,
             RawLookup::Absent => return Err(WindowError::UnknownComm(comm)),
             RawLookup::Spilled => self.comm_id(comm).ok_or(WindowError::UnknownComm(comm))?,
         };
-        self.window_of(id, ptr, size)
+        Ok(self.window_of(id, ptr, size)?)
     }
 }

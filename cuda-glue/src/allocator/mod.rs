@@ -59,7 +59,7 @@ use segment_registry::{CommId, Registry, Segment};
 pub use comm::CommState;
 pub use detach::DetachReport;
 pub use free::FreeReport;
-pub use lookup::{WindowError, WindowHit};
+pub use lookup::WindowError;
 pub use pass::PassSummary;
 pub use stats::{AllocatorStats, CommInfo};
 
