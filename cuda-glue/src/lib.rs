@@ -46,6 +46,7 @@ mod error;
 mod gate;
 pub mod real;
 pub mod sim;
+mod stats;
 mod util;
 
 pub use allocator::{

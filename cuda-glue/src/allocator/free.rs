@@ -9,10 +9,10 @@ use std::sync::Arc;
 use segment_registry::{CommId, Hold, Segment, Untracked};
 
 use super::comm::CommEntry;
-use super::stats::bump;
 use super::Allocator;
 use crate::backend::{Backend, Window};
 use crate::error::FreeError;
+use crate::stats::bump;
 use crate::util::{lock, read};
 
 /// A freed segment waiting for its deregistrations and the registry's

@@ -49,27 +49,28 @@ mod free;
 mod lookup;
 mod pass;
 mod raw_index;
-mod stats;
+mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 
 use segment_registry::{CommId, Registry, Segment};
 
+pub use crate::stats::AllocatorStats;
 pub use comm::CommState;
 pub use detach::DetachReport;
 pub use free::FreeReport;
 pub use lookup::WindowError;
 pub use pass::PassSummary;
-pub use stats::{AllocatorStats, CommInfo};
+pub use snapshot::CommInfo;
 
 use crate::backend::{Backend, RawComm, Window};
 use crate::error::AllocError;
+use crate::stats::{bump, Counters};
 use crate::util::lock;
 use comm::CommEntry;
 use free::PendingFree;
 use raw_index::RawIndex;
-use stats::{bump, Counters};
 
 /// A thread-safe allocator of NCCL symmetric memory over the segment
 /// registry. See the module docs for the protocol.

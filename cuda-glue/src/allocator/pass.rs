@@ -11,10 +11,10 @@ use segment_registry::{
 
 use super::comm::{CommEntry, ACTIVE, FAILED};
 use super::free::Deferred;
-use super::stats::bump;
 use super::Allocator;
 use crate::backend::{Backend, BackendError, RawComm, Window, NCCL_WIN_COLL_SYMMETRIC};
 use crate::error::RegisterError;
+use crate::stats::bump;
 use crate::util::lock;
 
 /// What a registration pass did.
