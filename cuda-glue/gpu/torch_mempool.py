@@ -51,6 +51,7 @@ STATS_FIELDS = [
     "comms_attached",
     "comms_failed",
     "sim_violations",
+    "orphans",
 ]
 
 

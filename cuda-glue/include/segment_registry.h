@@ -50,7 +50,8 @@ typedef struct CUstream_st *cudaStream_t;
 
 /* Figures filled by segreg_stats (all counters since initialization). The
  * typedef is segreg_stats_t: the name segreg_stats is the function (C and
- * C++ forbid a typedef and a function of the same name). */
+ * C++ forbid a typedef and a function of the same name). The struct only
+ * grows at the end: no field is ever moved or removed. */
 typedef struct segreg_stats {
     uint64_t live_segments;        /* tracked segments */
     uint64_t live_bytes;           /* bytes in tracked segments */
@@ -74,6 +75,7 @@ typedef struct segreg_stats {
     uint64_t comms_attached;       /* attached comms */
     uint64_t comms_failed;         /* attached comms marked failed */
     uint64_t sim_violations;       /* simulated backend: rule violations */
+    uint64_t orphans;              /* bookkeeping with nothing to act on: 0 unless a bug */
 } segreg_stats_t;
 
 /* Initializes the process-wide allocator on real NCCL (>= 2.28) and the CUDA

@@ -20,66 +20,18 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::allocator::{Allocator, CommState, WindowError};
+use segment_registry::WindowLookupError;
+
+use crate::allocator::{Allocator, WindowError};
 use crate::backend::{Backend, RawComm};
 use crate::real::RealBackend;
 use crate::sim::SimWorld;
+pub use crate::stats::SegregStats;
 use crate::util::lock;
 
 /// `cudaStream_t` as the C side passes it (unused: `ncclMemAlloc` and
 /// `ncclMemFree` are synchronous).
 pub type CudaStream = *mut c_void;
-
-/// Figures returned by [`segreg_stats`] (`segreg_stats_t`, alias of
-/// `struct segreg_stats`, in the header).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SegregStats {
-    /// Tracked segments.
-    pub live_segments: u64,
-    /// Bytes in tracked segments.
-    pub live_bytes: u64,
-    /// Successful allocations.
-    pub allocs: u64,
-    /// Failed allocations.
-    pub alloc_failures: u64,
-    /// Successful frees.
-    pub frees: u64,
-    /// Refused frees (null, unknown pointer, double free).
-    pub bad_frees: u64,
-    /// Registration passes run.
-    pub passes: u64,
-    /// Registrations that returned a window.
-    pub windows_registered: u64,
-    /// Registrations that returned a null window (no symmetric support).
-    pub null_windows: u64,
-    /// Registrations that failed.
-    pub register_failures: u64,
-    /// Windows deregistered.
-    pub windows_deregistered: u64,
-    /// Windows registered for live segments, all comms.
-    pub windows_live: u64,
-    /// Deregistrations queued behind a pass's call in flight.
-    pub deregisters_deferred: u64,
-    /// Windows handed back by passes (segment freed while held).
-    pub handed_back: u64,
-    /// Deregistrations that failed.
-    pub deregister_failures: u64,
-    /// Deregistrations failed and waiting for a retry.
-    pub windows_stuck: u64,
-    /// Freed segments whose memory is not yet returned.
-    pub pending_frees: u64,
-    /// Successful `ncclMemFree` calls.
-    pub mem_frees: u64,
-    /// Failed `ncclMemFree` calls.
-    pub mem_free_failures: u64,
-    /// Attached comms.
-    pub comms_attached: u64,
-    /// Attached comms marked failed.
-    pub comms_failed: u64,
-    /// Violations recorded by the simulated backend (0 for real NCCL).
-    pub sim_violations: u64,
-}
 
 /// [`segreg_window_get`]: found; `*win` and `*offset` are set.
 pub const SEGREG_OK: c_int = 0;
@@ -354,15 +306,34 @@ pub extern "C" fn segreg_detach(comm: *mut c_void) -> c_int {
     })
 }
 
-/// The C code of a lookup answer.
-fn window_error_code(e: &WindowError) -> c_int {
-    match e {
-        WindowError::NotAttached(_) | WindowError::UnknownComm(_) => SEGREG_ERR_NOT_ATTACHED,
-        WindowError::NotTracked { .. } => SEGREG_ERR_NOT_TRACKED,
-        WindowError::CrossesEnd { .. } => SEGREG_ERR_CROSSES_END,
-        WindowError::NotRegistered { .. } => SEGREG_ERR_NOT_REGISTERED,
-        WindowError::NoWindow { .. } => SEGREG_ERR_NO_WINDOW,
-    }
+/// The C answer to a failed lookup: its `SEGREG_ERR_*` code, and a message
+/// that says what the code means (the header's words) and then what the
+/// lookup found.
+fn lookup_failure(e: &WindowError) -> (c_int, String) {
+    use WindowLookupError as L;
+    let (code, meaning) = match e {
+        WindowError::UnknownComm(_) | WindowError::Lookup(L::NotAttached(_)) => (
+            SEGREG_ERR_NOT_ATTACHED,
+            "comm not attached (never, or detached)",
+        ),
+        WindowError::Lookup(L::NotTracked { .. }) => (
+            SEGREG_ERR_NOT_TRACKED,
+            "no live allocation contains ptr (or freed)",
+        ),
+        WindowError::Lookup(L::CrossesEnd { .. }) => (
+            SEGREG_ERR_CROSSES_END,
+            "[ptr, ptr+size) runs past its allocation",
+        ),
+        WindowError::Lookup(L::NotRegistered { .. }) => (
+            SEGREG_ERR_NOT_REGISTERED,
+            "not registered with comm yet: run segreg_register",
+        ),
+        WindowError::Lookup(L::NoWindow { .. }) => (
+            SEGREG_ERR_NO_WINDOW,
+            "registered, null window: no symmetric support",
+        ),
+    };
+    (code, format!("{meaning}: {e}"))
 }
 
 /// The window registered with the attached comm for the allocation that
@@ -396,7 +367,10 @@ pub unsafe extern "C" fn segreg_window_get(
             .map_err(invalid)?
             .alloc
             .window_of_raw(raw, ptr as usize, size)
-            .map_err(|e| ((window_error_code(&e), (0, 0)), e.to_string()))?;
+            .map_err(|e| {
+                let (code, msg) = lookup_failure(&e);
+                ((code, (0, 0)), msg)
+            })?;
         Ok((SEGREG_OK, (hit.window.raw, hit.offset)))
     });
     if !win.is_null() {
@@ -429,36 +403,8 @@ pub unsafe extern "C" fn segreg_stats(out: *mut SegregStats, size: usize) -> c_i
             ));
         }
         let g = global()?;
-        let s = g.alloc.stats();
-        let n = |v: usize| v as u64;
-        let value = SegregStats {
-            live_segments: n(s.live_segments),
-            live_bytes: n(s.live_bytes),
-            allocs: s.allocs,
-            alloc_failures: s.alloc_failures,
-            frees: s.frees,
-            bad_frees: s.bad_frees,
-            passes: s.passes,
-            windows_registered: s.windows_registered,
-            null_windows: s.null_windows,
-            register_failures: s.register_failures,
-            windows_deregistered: s.windows_deregistered,
-            windows_live: s.comms.iter().map(|c| n(c.windows)).sum(),
-            deregisters_deferred: s.deregisters_deferred,
-            handed_back: s.handed_back,
-            deregister_failures: s.deregister_failures,
-            windows_stuck: n(s.windows_stuck),
-            pending_frees: s.pending_frees,
-            mem_frees: s.mem_frees,
-            mem_free_failures: s.mem_free_failures,
-            comms_attached: n(s.comms.len()),
-            comms_failed: n(s
-                .comms
-                .iter()
-                .filter(|c| c.state == CommState::Failed)
-                .count()),
-            sim_violations: g.sim.as_ref().map_or(0, |w| n(w.violations().len())),
-        };
+        let sim_violations = g.sim.as_ref().map_or(0, |w| w.violations().len());
+        let value = SegregStats::from_stats(&g.alloc.stats(), sim_violations as u64);
         // SAFETY: non-null, and the caller guarantees `size` (checked equal
         // to the struct's size) writable bytes; unaligned write to be safe
         // with any caller buffer.

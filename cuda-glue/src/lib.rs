@@ -46,15 +46,16 @@ mod error;
 mod gate;
 pub mod real;
 pub mod sim;
+mod stats;
 mod util;
 
 pub use allocator::{
     Allocator, AllocatorStats, CommInfo, CommState, DetachReport, FreeReport, PassSummary,
-    WindowError, WindowHit,
+    WindowError,
 };
 pub use backend::{
     Backend, BackendError, RawComm, Window, MEM_GRANULARITY, MIN_NCCL_VERSION,
     NCCL_WIN_COLL_SYMMETRIC, WINDOW_ALIGN,
 };
 pub use error::{AllocError, AttachError, DetachError, FreeError, RegisterError};
-pub use segment_registry::{CommId, Segment};
+pub use segment_registry::{CommId, Segment, WindowLookupError, WindowRef};

@@ -11,11 +11,11 @@ use std::thread;
 use std::time::Duration;
 
 use common::*;
-use segment_registry_nccl::allocator::{WindowError, WindowHit};
+use segment_registry_nccl::allocator::WindowError;
 use segment_registry_nccl::sim::{set_alloc_site, SimBackend, SimCall, SimOp, SimWorld, Violation};
 use segment_registry_nccl::{
     AllocError, Allocator, AttachError, BackendError, CommId, CommState, DetachError, FreeError,
-    RawComm, RegisterError, Window,
+    RawComm, RegisterError, Window, WindowLookupError, WindowRef,
 };
 
 /// SGLang's scenario: a segment registered by group A's pass is freed, and
@@ -635,7 +635,7 @@ fn window_lookup_gives_every_answer() {
     // Not registered yet.
     assert_eq!(
         al.window_of(c, a + 4096, 64),
-        Err(WindowError::NotRegistered {
+        Err(WindowLookupError::NotRegistered {
             comm: c,
             segment: seg_a
         })
@@ -653,7 +653,7 @@ fn window_lookup_gives_every_answer() {
         (a + 4 * MIB - 8, 8),
         (a + 100, 0),
     ] {
-        let want = WindowHit {
+        let want = WindowRef {
             window: wa,
             offset: t - a,
             segment: seg_a,
@@ -670,7 +670,7 @@ fn window_lookup_gives_every_answer() {
         let seg = if t == b { seg_b } else { seg_a };
         assert_eq!(
             al.window_of(c, t, size),
-            Err(WindowError::CrossesEnd {
+            Err(WindowLookupError::CrossesEnd {
                 ptr: t,
                 size,
                 segment: seg
@@ -680,7 +680,7 @@ fn window_lookup_gives_every_answer() {
     for t in [0, 0x1000, b + 2 * MIB, b + 2 * MIB + 8192] {
         assert_eq!(
             al.window_of(c, t, 8),
-            Err(WindowError::NotTracked { ptr: t })
+            Err(WindowLookupError::NotTracked { ptr: t })
         );
     }
 
@@ -688,11 +688,11 @@ fn window_lookup_gives_every_answer() {
     let unknown = CommId(999);
     assert_eq!(
         al.window_of(unknown, a, 8),
-        Err(WindowError::NotAttached(unknown))
+        Err(WindowLookupError::NotAttached(unknown))
     );
     assert_eq!(
         al.window_of(unknown, 0x1000, 8),
-        Err(WindowError::NotAttached(unknown)),
+        Err(WindowLookupError::NotAttached(unknown)),
         "not attached wins over not tracked"
     );
     let stranger = RawComm(0x4242_0000);
@@ -711,10 +711,10 @@ fn window_lookup_gives_every_answer() {
     assert_eq!(al.register(ns).unwrap().null_windows, 2);
     assert_eq!(
         al.window_of_raw(raw_ns, a + 8, 8),
-        Err(WindowError::NoWindow {
+        Err(WindowError::Lookup(WindowLookupError::NoWindow {
             comm: ns,
             segment: seg_a
-        })
+        }))
     );
     assert_eq!(al.window_of(c, a + 8, 8).unwrap().window, wa);
 
@@ -733,7 +733,7 @@ fn window_lookup_gives_every_answer() {
     assert_ne!(wf.window, wa);
     assert_eq!(
         al.window_of(f, b, 8),
-        Err(WindowError::NotRegistered {
+        Err(WindowLookupError::NotRegistered {
             comm: f,
             segment: seg_b
         })
@@ -745,7 +745,7 @@ fn window_lookup_gives_every_answer() {
         for t in [a, a + 4096, a + 4 * MIB - 8] {
             assert_eq!(
                 al.window_of(comm, t, 8),
-                Err(WindowError::NotTracked { ptr: t })
+                Err(WindowLookupError::NotTracked { ptr: t })
             );
         }
     }
@@ -757,7 +757,7 @@ fn window_lookup_gives_every_answer() {
     let seg_a2 = al.find(a2).unwrap();
     assert_eq!(
         al.window_of(c, a2 + 8, 8),
-        Err(WindowError::NotRegistered {
+        Err(WindowLookupError::NotRegistered {
             comm: c,
             segment: seg_a2
         })
@@ -775,7 +775,10 @@ fn window_lookup_gives_every_answer() {
 
     // After detach: not attached, by id and by handle.
     al.detach(f).unwrap();
-    assert_eq!(al.window_of(f, b, 8), Err(WindowError::NotAttached(f)));
+    assert_eq!(
+        al.window_of(f, b, 8),
+        Err(WindowLookupError::NotAttached(f))
+    );
     assert_eq!(
         al.window_of_raw(raw_f, b, 8),
         Err(WindowError::UnknownComm(raw_f))
@@ -789,12 +792,15 @@ fn window_lookup_gives_every_answer() {
     let c2 = al.attach(raw2).unwrap();
     assert_eq!(
         al.window_of_raw(raw2, b, 8),
-        Err(WindowError::NotRegistered {
+        Err(WindowError::Lookup(WindowLookupError::NotRegistered {
             comm: c2,
             segment: seg_b
-        })
+        }))
     );
-    assert_eq!(al.window_of(c, b, 8), Err(WindowError::NotAttached(c)));
+    assert_eq!(
+        al.window_of(c, b, 8),
+        Err(WindowLookupError::NotAttached(c))
+    );
 
     al.detach(c2).unwrap();
     al.detach(ns).unwrap();
@@ -860,7 +866,7 @@ fn window_lookup_takes_no_lock_on_success() {
         assert_eq!(hit.unwrap().window, wa);
         assert_eq!(hit_raw.unwrap().window, wa);
         assert!(
-            matches!(parked, Err(WindowError::NotRegistered { .. })),
+            matches!(parked, Err(WindowLookupError::NotRegistered { .. })),
             "{parked:?}"
         );
         park.release();
@@ -921,7 +927,7 @@ fn window_lookup_takes_no_lock_on_success() {
     let (hit, hit_raw, freed) = got.expect("a lookup took the comm table's lock");
     assert_eq!(hit.unwrap().window, wa);
     assert_eq!(hit_raw.unwrap().window, wa);
-    assert_eq!(freed, Err(WindowError::NotTracked { ptr: b }));
+    assert_eq!(freed, Err(WindowLookupError::NotTracked { ptr: b }));
 
     release.wait();
     assert_eq!(free.join().unwrap().unwrap().windows, 2);
@@ -943,7 +949,7 @@ fn window_lookup_takes_no_lock_on_success() {
 /// A lookup to check: what it asked, when it started, what it answered.
 type Lookup<'a> =
     dyn Fn(&Allocator<SimBackend>, CommId, RawComm, usize, usize) -> WindowResult + Sync + 'a;
-type WindowResult = Result<WindowHit, WindowError>;
+type WindowResult = Result<WindowRef<Window>, WindowError>;
 
 /// What the race harness saw.
 #[derive(Debug, Default)]
@@ -1022,7 +1028,7 @@ fn race_lookups_with_frees(lookup: &Lookup<'_>, rounds: usize) -> RaceReport {
                  ptr: usize,
                  size: usize,
                  t0: u64,
-                 r: Result<WindowHit, WindowError>,
+                 r: WindowResult,
                  local: &mut RaceReport,
                  mine: &mut HashSet<(usize, Window, usize)>| {
         match r {
@@ -1045,9 +1051,13 @@ fn race_lookups_with_frees(lookup: &Lookup<'_>, rounds: usize) -> RaceReport {
                 }
                 mine.insert((ci, hit.window, seg.addr));
             }
-            Err(WindowError::NotTracked { .. }) => local.not_tracked += 1,
-            Err(WindowError::NotRegistered { .. }) => local.not_registered += 1,
-            Err(WindowError::CrossesEnd { .. }) => {}
+            Err(WindowError::Lookup(WindowLookupError::NotTracked { .. })) => {
+                local.not_tracked += 1
+            }
+            Err(WindowError::Lookup(WindowLookupError::NotRegistered { .. })) => {
+                local.not_registered += 1
+            }
+            Err(WindowError::Lookup(WindowLookupError::CrossesEnd { .. })) => {}
             Err(e) => local.violations.push(format!("unexpected {e:?}")),
         }
     };
@@ -1173,7 +1183,7 @@ fn xorshift(s: &mut u64) -> u64 {
 /// `race_lookups_with_frees`), through the id and the raw handle.
 #[test]
 fn window_lookup_racing_free_never_returns_a_deregistered_window() {
-    let by_id: &Lookup<'_> = &|al, c, _, p, n| al.window_of(c, p, n);
+    let by_id: &Lookup<'_> = &|al, c, _, p, n| al.window_of(c, p, n).map_err(WindowError::from);
     let by_raw: &Lookup<'_> = &|al, _, raw, p, n| al.window_of_raw(raw, p, n);
     for (name, lookup) in [("window_of", by_id), ("window_of_raw", by_raw)] {
         let r = race_lookups_with_frees(lookup, 150);
@@ -1192,10 +1202,10 @@ fn window_lookup_racing_free_never_returns_a_deregistered_window() {
 /// sweep after the last free.
 #[test]
 fn window_lookup_race_check_catches_a_stale_cache() {
-    let cache: Mutex<Vec<(CommId, WindowHit)>> = Mutex::default();
+    let cache: Mutex<Vec<(CommId, WindowRef<Window>)>> = Mutex::default();
     let stale: &Lookup<'_> = &|al, c, _, p, n| {
         let hit = cache.lock().unwrap().iter().find_map(|&(cc, h)| {
-            (cc == c && h.segment.addr <= p && p + n <= h.segment.end()).then(|| WindowHit {
+            (cc == c && h.segment.addr <= p && p + n <= h.segment.end()).then(|| WindowRef {
                 offset: p - h.segment.addr,
                 ..h
             })
@@ -1203,7 +1213,7 @@ fn window_lookup_race_check_catches_a_stale_cache() {
         if let Some(h) = hit {
             return Ok(h);
         }
-        let r = al.window_of(c, p, n);
+        let r = al.window_of(c, p, n).map_err(WindowError::from);
         if let Ok(h) = r {
             cache.lock().unwrap().push((c, h));
         }
@@ -1290,10 +1300,13 @@ fn window_of_raw_under_attach_detach_churn() {
                             }
                         }
                     }
-                    Err(WindowError::UnknownComm(_) | WindowError::NotAttached(_)) => {
+                    Err(
+                        WindowError::UnknownComm(_)
+                        | WindowError::Lookup(WindowLookupError::NotAttached(_)),
+                    ) => {
                         unknown.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(WindowError::NotRegistered { .. }) => {}
+                    Err(WindowError::Lookup(WindowLookupError::NotRegistered { .. })) => {}
                     Err(e) => violations.lock().unwrap().push(format!("unexpected {e:?}")),
                 }
             }
@@ -1325,7 +1338,10 @@ fn window_of_raw_under_attach_detach_churn() {
         .collect();
     for &(raw, c) in &many {
         al.register(c).unwrap();
-        assert_eq!(al.window_of_raw(raw, p, 8), al.window_of(c, p, 8));
+        assert_eq!(
+            al.window_of_raw(raw, p, 8),
+            al.window_of(c, p, 8).map_err(WindowError::from)
+        );
         assert!(al.window_of_raw(raw, p, 8).is_ok());
     }
     for &(raw, c) in &many {

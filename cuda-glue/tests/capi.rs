@@ -328,7 +328,7 @@ fn c_abi_through_the_exported_symbols() {
     );
     assert_eq!((s.allocs, s.frees, s.mem_frees), (3, 3, 3));
     assert_eq!((s.windows_registered, s.windows_deregistered), (3, 3));
-    assert_eq!((s.comms_attached, s.sim_violations), (0, 0));
+    assert_eq!((s.comms_attached, s.sim_violations, s.orphans), (0, 0, 0));
 
     window_lookup(&api);
 }

@@ -321,25 +321,100 @@ fn header_compiles_as_c_and_cpp() {
     println!("header compiled {compiled} time(s)");
 }
 
-#[test]
-fn header_stats_struct_matches_the_rust_struct() {
+/// The fields of `segreg_stats_t` as published, in order: the struct only
+/// grows at the end (a new field is appended here and everywhere else).
+const PUBLISHED_STATS: [&str; 23] = [
+    "live_segments",
+    "live_bytes",
+    "allocs",
+    "alloc_failures",
+    "frees",
+    "bad_frees",
+    "passes",
+    "windows_registered",
+    "null_windows",
+    "register_failures",
+    "windows_deregistered",
+    "windows_live",
+    "deregisters_deferred",
+    "handed_back",
+    "deregister_failures",
+    "windows_stuck",
+    "pending_frees",
+    "mem_frees",
+    "mem_free_failures",
+    "comms_attached",
+    "comms_failed",
+    "sim_violations",
+    "orphans",
+];
+
+/// The `uint64_t` fields of `segreg_stats_t` in the header, in order.
+fn header_stats_fields() -> Vec<&'static str> {
     let start = HEADER.find("typedef struct segreg_stats {").unwrap();
     let end = start + HEADER[start..].find('}').unwrap();
-    let header_fields: Vec<&str> = HEADER[start..end]
+    let body = &HEADER[start..end];
+    let fields: Vec<&str> = body
         .lines()
         .skip(1)
         .filter_map(|l| l.trim().strip_prefix("uint64_t "))
         .map(|l| l.split(';').next().unwrap().trim())
         .collect();
-    let start = CAPI.find("pub struct SegregStats {").unwrap();
-    let end = start + CAPI[start..].find('}').unwrap();
-    let rust_fields: Vec<&str> = CAPI[start..end]
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("pub "))
-        .filter_map(|l| l.strip_suffix(": u64,"))
-        .collect();
-    assert_eq!(header_fields, rust_fields);
-    assert_eq!(header_fields.len() * 8, size_of::<SegregStats>());
+    let declarations = body.lines().skip(1).filter(|l| l.contains(';')).count();
+    assert_eq!(declarations, fields.len(), "every field is a uint64_t");
+    fields
+}
+
+#[test]
+fn header_stats_struct_matches_the_rust_struct() {
+    let rust: Vec<&str> = SegregStats::FIELDS.iter().map(|&(name, _)| name).collect();
+    assert_eq!(header_stats_fields(), rust);
+    assert!(
+        rust.starts_with(&PUBLISHED_STATS),
+        "segreg_stats_t only grows at the end: {rust:?}"
+    );
+    for (i, &(name, offset)) in SegregStats::FIELDS.iter().enumerate() {
+        assert_eq!(offset, 8 * i, "offset of {name}");
+    }
+    assert_eq!(size_of::<SegregStats>(), 8 * SegregStats::FIELDS.len());
+}
+
+/// The C compiler lays `segreg_stats_t` out as the Rust struct is: its size
+/// and every field's offset (skipped, with a note, without a C compiler).
+#[test]
+fn header_stats_layout_in_c_is_the_rust_layout() {
+    let mut src = format!(
+        "#include <stddef.h>\n#include \"segment_registry.h\"\n\
+         _Static_assert(sizeof(segreg_stats_t) == {}, \"size\");\n",
+        size_of::<SegregStats>()
+    );
+    for &(name, offset) in SegregStats::FIELDS {
+        src.push_str(&format!(
+            "_Static_assert(offsetof(segreg_stats_t, {name}) == {offset}, \"{name}\");\n"
+        ));
+    }
+    let dir = std::env::temp_dir().join(format!("segreg-layout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("layout.c");
+    std::fs::write(&file, src).unwrap();
+    let include = concat!(env!("CARGO_MANIFEST_DIR"), "/include");
+    let out = std::process::Command::new("cc")
+        .args([
+            "-std=c11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-fsyntax-only",
+            "-I",
+            include,
+        ])
+        .arg(&file)
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    match out {
+        Ok(o) => assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => println!("cc not run ({e}): layout not checked in C"),
+    }
 }
 
 #[test]
@@ -353,12 +428,5 @@ fn python_script_stats_fields_match_the_header() {
         .map(|l| l.trim().trim_end_matches(',').trim_matches('"'))
         .filter(|l| !l.is_empty())
         .collect();
-    let start = HEADER.find("typedef struct segreg_stats {").unwrap();
-    let end = start + HEADER[start..].find('}').unwrap();
-    let header_fields: Vec<&str> = HEADER[start..end]
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("uint64_t "))
-        .map(|l| l.split(';').next().unwrap().trim())
-        .collect();
-    assert_eq!(py_fields, header_fields);
+    assert_eq!(py_fields, header_stats_fields());
 }

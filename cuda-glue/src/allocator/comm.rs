@@ -1,0 +1,125 @@
+//! Attached comms: each one's entry (gate, pass lock, state, failed
+//! deregistrations), attaching, and finding an entry.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use segment_registry::CommId;
+
+use super::free::Deferred;
+use super::Allocator;
+use crate::backend::{Backend, RawComm};
+use crate::error::AttachError;
+use crate::gate::Gate;
+use crate::util::{lock, read, write};
+
+pub(super) const ACTIVE: u8 = 0;
+pub(super) const FAILED: u8 = 1;
+pub(super) const DETACHING: u8 = 2;
+pub(super) const DETACHED: u8 = 3;
+
+/// The state of an attached comm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommState {
+    /// Passes allowed.
+    Active,
+    /// A registration failed: passes return
+    /// [`RegisterError::Failed`](crate::RegisterError::Failed); detach it.
+    Failed,
+    /// A detach began and could not deregister every window yet; call
+    /// detach again.
+    Detaching,
+}
+
+pub(super) struct CommEntry {
+    pub(super) id: CommId,
+    pub(super) raw: RawComm,
+    pub(super) gate: Gate<Deferred>,
+    /// Held by a pass for its whole run, and by detach.
+    pub(super) pass_lock: Mutex<()>,
+    pub(super) state: AtomicU8,
+    pub(super) failure: Mutex<Option<String>>,
+    /// Deregistrations that failed; retried by the next pass and by detach.
+    pub(super) stuck: Mutex<Vec<Deferred>>,
+    pub(super) saw_window: AtomicBool,
+    pub(super) saw_null_window: AtomicBool,
+}
+
+impl CommEntry {
+    fn new(id: CommId, raw: RawComm) -> Self {
+        CommEntry {
+            id,
+            raw,
+            gate: Gate::new(),
+            pass_lock: Mutex::new(()),
+            state: AtomicU8::new(ACTIVE),
+            failure: Mutex::new(None),
+            stuck: Mutex::new(Vec::new()),
+            saw_window: AtomicBool::new(false),
+            saw_null_window: AtomicBool::new(false),
+        }
+    }
+
+    pub(super) fn state(&self) -> u8 {
+        // SeqCst: rare transitions; no reason to be clever.
+        self.state.load(Ordering::SeqCst)
+    }
+
+    /// The state as the public figures name it.
+    pub(super) fn public_state(&self) -> CommState {
+        match self.state() {
+            ACTIVE => CommState::Active,
+            FAILED => CommState::Failed,
+            _ => CommState::Detaching,
+        }
+    }
+
+    pub(super) fn fail(&self, reason: String) {
+        let mut f = lock(&self.failure);
+        if self
+            .state
+            .compare_exchange(ACTIVE, FAILED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            *f = Some(reason);
+        }
+    }
+}
+
+impl<B: Backend> Allocator<B> {
+    /// Attaches a comm by its raw handle. The id returned is never reused;
+    /// the comm's first pass registers every live segment.
+    pub fn attach(&self, comm: RawComm) -> Result<CommId, AttachError> {
+        if comm.is_null() {
+            return Err(AttachError::NullComm);
+        }
+        let mut table = write(&self.comms);
+        if let Some(e) = table.values().find(|e| e.raw == comm) {
+            return Err(AttachError::AlreadyAttached {
+                raw: comm,
+                comm: e.id,
+            });
+        }
+        let id = self.registry.attach(comm);
+        table.insert(id, Arc::new(CommEntry::new(id, comm)));
+        self.raw_index.insert(comm, id);
+        Ok(id)
+    }
+
+    /// The id of an attached raw handle.
+    pub fn comm_id(&self, comm: RawComm) -> Option<CommId> {
+        read(&self.comms)
+            .values()
+            .find(|e| e.raw == comm)
+            .map(|e| e.id)
+    }
+
+    /// Attached comms, in attach order.
+    pub fn comms(&self) -> Vec<CommId> {
+        read(&self.comms).keys().copied().collect()
+    }
+
+    pub(super) fn entry(&self, comm: CommId) -> Option<Arc<CommEntry>> {
+        read(&self.comms).get(&comm).cloned()
+    }
+}

@@ -1,0 +1,241 @@
+//! Registration passes: every live segment a comm has not seen, registered
+//! collectively through the comm's gate, in track order; and what a pass
+//! (or a detach) hands back.
+
+use std::sync::atomic::Ordering;
+use std::sync::{MutexGuard, TryLockError};
+
+use segment_registry::{
+    CommError, CommId, Hold, PassError as RegPassError, PassFailure, PassReport, Segment,
+};
+
+use super::comm::{CommEntry, ACTIVE, FAILED};
+use super::free::Deferred;
+use super::Allocator;
+use crate::backend::{Backend, BackendError, RawComm, Window, NCCL_WIN_COLL_SYMMETRIC};
+use crate::error::RegisterError;
+use crate::stats::bump;
+use crate::util::lock;
+
+/// What a registration pass did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassSummary {
+    /// The comm.
+    pub comm: CommId,
+    /// Segments registered, in the order of the (collective) calls.
+    pub registered: Vec<Segment>,
+    /// Of those, registrations that returned a window.
+    pub windows: usize,
+    /// Of those, registrations that returned a null window (no symmetric
+    /// support): registered, nothing to deregister.
+    pub null_windows: usize,
+    /// Windows of segments freed while the pass held them, deregistered by
+    /// the pass.
+    pub handed_back: usize,
+}
+
+/// Registrations of one pass that returned a window, and a null one.
+#[derive(Default)]
+struct Tally {
+    windows: usize,
+    nulls: usize,
+}
+
+impl<B: Backend> Allocator<B> {
+    /// Runs a registration pass for `comm`: registers (collectively, flag
+    /// `NCCL_WIN_COLL_SYMMETRIC`) every live segment it has not seen, in
+    /// track order. Segments freed while the pass holds them are still
+    /// registered, then deregistered and freed by the pass.
+    ///
+    /// A failed registration marks the comm failed: this pass and every
+    /// later one return an error, and only [`detach`](Self::detach) is
+    /// allowed. A second pass on the same comm meanwhile gets
+    /// [`RegisterError::Busy`].
+    pub fn register(&self, comm: CommId) -> Result<PassSummary, RegisterError> {
+        let entry = self.entry(comm).ok_or(RegisterError::NotAttached(comm))?;
+        let _pass = claim_pass(&entry)?;
+        bump(&self.counters.passes);
+        self.retry_stuck(&entry);
+        let mut tally = Tally::default();
+        let result = self.registry.register_pending(comm, |raw, seg| {
+            self.register_one(&entry, *raw, *seg, &mut tally)
+        });
+        let (report, error) = match result {
+            Ok(report) => (report, None),
+            Err(PassFailure { error, report }) => (report, Some(error)),
+        };
+        self.record_tally(&entry, &tally);
+        let summary = PassSummary {
+            comm,
+            registered: report.registered.clone(),
+            windows: tally.windows,
+            null_windows: tally.nulls,
+            handed_back: report.handed_back.len(),
+        };
+        self.settle(&entry, report);
+        match error {
+            None => Ok(summary),
+            Some(e) => Err(self.pass_error(&entry, e)),
+        }
+    }
+
+    /// One collective `ncclCommWindowRegister`, through the comm's gate.
+    fn register_one(
+        &self,
+        entry: &CommEntry,
+        raw: RawComm,
+        seg: Segment,
+        tally: &mut Tally,
+    ) -> Result<Option<Window>, BackendError> {
+        let r = entry.gate.call(
+            || {
+                self.backend
+                    .comm_window_register(raw, seg.addr, seg.len, NCCL_WIN_COLL_SYMMETRIC)
+            },
+            |j| self.run_deferred(entry, j),
+        );
+        match &r {
+            Ok(Some(_)) => tally.windows += 1,
+            Ok(None) => tally.nulls += 1,
+            Err(_) => {}
+        }
+        r
+    }
+
+    /// Counts a pass's registrations, and what they say about the comm's
+    /// symmetric support.
+    fn record_tally(&self, entry: &CommEntry, tally: &Tally) {
+        self.counters
+            .windows_registered
+            .fetch_add(tally.windows as u64, Ordering::Relaxed); // Relaxed: statistics.
+        self.counters
+            .null_windows
+            .fetch_add(tally.nulls as u64, Ordering::Relaxed); // Relaxed: statistics.
+        if tally.windows > 0 {
+            // Relaxed: a diagnostic flag.
+            entry.saw_window.store(true, Ordering::Relaxed);
+        }
+        if tally.nulls > 0 {
+            // Relaxed: a diagnostic flag.
+            entry.saw_null_window.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The error of a pass that stopped; a failed registration marks the
+    /// comm failed.
+    fn pass_error(&self, entry: &CommEntry, error: RegPassError<BackendError>) -> RegisterError {
+        match error {
+            RegPassError::Callback { segment, error } => {
+                bump(&self.counters.register_failures);
+                entry.fail(format!("registering segment {:#x}: {error}", segment.addr));
+                RegisterError::Register {
+                    comm: entry.id,
+                    segment,
+                    source: error,
+                }
+            }
+            RegPassError::Comm(CommError::Busy(c)) => RegisterError::Busy(c),
+            RegPassError::Comm(CommError::NotAttached(c)) | RegPassError::Forgotten(c) => {
+                RegisterError::NotAttached(c)
+            }
+        }
+    }
+
+    /// Acts on a pass's report: deregisters hand-backs (then releases
+    /// their holds) and counts down segments whose last hold the pass
+    /// released.
+    fn settle(&self, entry: &CommEntry, report: PassReport<'_, Window>) {
+        for hb in report.handed_back {
+            bump(&self.counters.handed_back);
+            self.hand_back(entry, hb.segment, hb.window, hb.hold);
+        }
+        for seg in report.free_now {
+            self.registry_released(seg);
+        }
+    }
+
+    /// Deregisters a window that comes with a registry hold (from a pass or
+    /// from `forget`), then releases the hold: the memory cannot be freed
+    /// before the deregistration, whoever frees it. If the deregistration
+    /// fails, the window joins the segment's countdown (made here if its
+    /// free has not linked one yet) and waits in `stuck` for a retry.
+    pub(super) fn hand_back(
+        &self,
+        entry: &CommEntry,
+        segment: Segment,
+        window: Window,
+        hold: Hold<'_, Window>,
+    ) -> bool {
+        let r = entry.gate.call(
+            || self.backend.comm_window_deregister(entry.raw, window),
+            |j| self.run_deferred(entry, j),
+        );
+        let Err(e) = r else {
+            bump(&self.counters.windows_deregistered);
+            if hold.release() {
+                self.registry_released(segment);
+            }
+            return true;
+        };
+        bump(&self.counters.deregister_failures);
+        self.note(format!(
+            "deregistering {window:?} of segment {:#x} on {}: {e}",
+            segment.addr, entry.id
+        ));
+        // Before the hold goes: whoever releases the last hold (or the
+        // segment's free) finds the record and counts the registry's share.
+        let (pending, _) = self.join_countdown(segment, 1, true);
+        if hold.release() {
+            self.registry_released(segment);
+        }
+        lock(&entry.stuck).push(Deferred {
+            segment,
+            window,
+            free: Some(pending),
+        });
+        false
+    }
+
+    /// The registry's last hold on a freed segment is gone.
+    pub(super) fn registry_released(&self, seg: Segment) {
+        let pending = lock(&self.held_frees).remove(&(seg.addr, seg.seq));
+        match pending {
+            Some(p) => self.count_down(&p),
+            None => {
+                bump(&self.counters.orphans);
+                self.note(format!(
+                    "segment {:#x} released with no free pending",
+                    seg.addr
+                ));
+            }
+        }
+    }
+
+    /// Runs a pass for every attached comm, in attach order (the same on
+    /// every rank). A failed comm reports its error and does not stop the
+    /// others.
+    pub fn register_all(&self) -> Vec<(CommId, Result<PassSummary, RegisterError>)> {
+        self.comms()
+            .into_iter()
+            .map(|c| (c, self.register(c)))
+            .collect()
+    }
+}
+
+/// Takes the comm's pass lock (a second pass gets `Busy`) and checks that
+/// passes are allowed.
+fn claim_pass(entry: &CommEntry) -> Result<MutexGuard<'_, ()>, RegisterError> {
+    let pass = match entry.pass_lock.try_lock() {
+        Ok(g) => g,
+        Err(TryLockError::WouldBlock) => return Err(RegisterError::Busy(entry.id)),
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+    };
+    match entry.state() {
+        ACTIVE => Ok(pass),
+        FAILED => Err(RegisterError::Failed {
+            comm: entry.id,
+            reason: lock(&entry.failure).clone().unwrap_or_default(),
+        }),
+        _ => Err(RegisterError::NotAttached(entry.id)),
+    }
+}

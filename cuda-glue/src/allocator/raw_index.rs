@@ -1,0 +1,150 @@
+//! Raw `ncclComm_t` handle → comm id, readable without a lock, for
+//! [`Allocator::window_of_raw`](super::Allocator::window_of_raw).
+
+use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+
+use segment_registry::CommId;
+
+use crate::backend::RawComm;
+
+/// Slots of the lock-free raw handle → comm id index. Comms attached beyond
+/// this many are found through the comm table (under its read lock).
+const RAW_SLOTS: usize = 64;
+
+/// One attached comm of the index: a seqlock over `(raw, id)`. `seq` is odd
+/// while a writer changes the pair; `raw == 0` marks a free slot.
+struct RawSlot {
+    seq: AtomicU64,
+    raw: AtomicUsize,
+    id: AtomicU64,
+}
+
+/// What [`RawIndex::find`] knows about a raw handle.
+pub(super) enum RawLookup {
+    /// Attached with this id (at some instant during the call).
+    Found(CommId),
+    /// Not attached (at some instant during the call).
+    Absent,
+    /// Not in the slots, but some attached comm has no slot: ask the table.
+    Spilled,
+}
+
+/// Raw handle → comm id, readable without a lock (for
+/// [`Allocator::window_of_raw`](super::Allocator::window_of_raw)). Written only under the comm table's write
+/// lock (attach, the end of detach), so writers never race each other.
+///
+/// Readers never wait: a slot that is being written, or that changes while
+/// it is read, is skipped. That is linearizable because a slot changes only
+/// when its comm is attached or detached: a reader that overlaps the change
+/// may answer as if it came before the attach or after the detach. Ids are
+/// never reused, so an id found for a handle whose comm was detached
+/// meanwhile makes the registry answer "not attached", never another comm's
+/// window.
+pub(super) struct RawIndex {
+    slots: Box<[RawSlot]>,
+    /// Slots ever used: readers scan `[0, used)`.
+    used: AtomicUsize,
+    /// Attached comms that found no free slot.
+    spilled: AtomicUsize,
+}
+
+impl RawIndex {
+    pub(super) fn new() -> Self {
+        RawIndex {
+            slots: (0..RAW_SLOTS)
+                .map(|_| RawSlot {
+                    seq: AtomicU64::new(0),
+                    raw: AtomicUsize::new(0),
+                    id: AtomicU64::new(0),
+                })
+                .collect(),
+            used: AtomicUsize::new(0),
+            spilled: AtomicUsize::new(0),
+        }
+    }
+
+    /// Seqlock write of one slot. The caller holds the comm table's write
+    /// lock (the only writer).
+    fn write(slot: &RawSlot, raw: usize, id: u64) {
+        // Relaxed: writers are serialized by the table lock.
+        let s = slot.seq.load(Ordering::Relaxed);
+        slot.seq.store(s + 1, Ordering::Relaxed);
+        // Release fence: a reader that sees a new `raw`/`id` below also sees
+        // the odd `seq` (it re-reads `seq` after an acquire fence).
+        fence(Ordering::Release);
+        // Relaxed: published by the release store of `seq` below.
+        slot.raw.store(raw, Ordering::Relaxed);
+        slot.id.store(id, Ordering::Relaxed);
+        // Release: a reader that sees `s + 2` sees the pair written above.
+        slot.seq.store(s + 2, Ordering::Release);
+    }
+
+    /// Records an attached comm. Caller holds the table's write lock.
+    pub(super) fn insert(&self, raw: RawComm, id: CommId) {
+        // Relaxed: only writers (serialized by the lock) change `raw`.
+        let free = self
+            .slots
+            .iter()
+            .position(|s| s.raw.load(Ordering::Relaxed) == 0);
+        match free {
+            Some(i) => {
+                Self::write(&self.slots[i], raw.0, id.0);
+                // Release: a reader that scans up to `i` sees the slot's
+                // writes (made before).
+                self.used.fetch_max(i + 1, Ordering::Release);
+            }
+            None => {
+                // SeqCst: rare; ordered with the readers' miss check.
+                self.spilled.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Forgets a detached comm. Caller holds the table's write lock.
+    pub(super) fn remove(&self, raw: RawComm) {
+        // Relaxed: as in `insert`. Attach refuses a handle already
+        // attached, so at most one slot holds `raw`.
+        let slot = self
+            .slots
+            .iter()
+            .find(|s| s.raw.load(Ordering::Relaxed) == raw.0);
+        match slot {
+            Some(s) => Self::write(s, 0, 0),
+            None => {
+                // SeqCst: as in `insert`.
+                self.spilled.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// The id of an attached raw handle. Wait-free; no lock.
+    pub(super) fn find(&self, raw: RawComm) -> RawLookup {
+        // Acquire: pairs with `insert`'s release.
+        let used = self.used.load(Ordering::Acquire);
+        for slot in &self.slots[..used] {
+            // Acquire: pairs with the writer's final release store.
+            let s1 = slot.seq.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
+                continue; // being attached or detached: see the type docs
+            }
+            // Relaxed: validated by the `seq` re-read below.
+            if slot.raw.load(Ordering::Relaxed) != raw.0 {
+                continue;
+            }
+            // Relaxed: as above.
+            let id = slot.id.load(Ordering::Relaxed);
+            // Acquire fence: orders the loads above before the re-read.
+            fence(Ordering::Acquire);
+            // Relaxed: ordered by the fence.
+            if slot.seq.load(Ordering::Relaxed) == s1 {
+                return RawLookup::Found(CommId(id));
+            }
+        }
+        // SeqCst: rare path; a spill made before our call is seen.
+        if self.spilled.load(Ordering::SeqCst) > 0 {
+            RawLookup::Spilled
+        } else {
+            RawLookup::Absent
+        }
+    }
+}
