@@ -5,7 +5,7 @@
 //! A [`SimWorld`] holds `n` simulated ranks (processes). Each rank has its
 //! own fake device address space (addresses differ between ranks, as in a
 //! real job; the memory is never dereferenceable); [`SimWorld::rank`] gives
-//! the [`Backend`] of one rank, to build that rank's allocator on.
+//! the [`Backend`](crate::Backend) of one rank, to build that rank's allocator on.
 //! [`SimWorld::comm_create`] makes a comm over some ranks and returns one raw
 //! handle per member; raw handle values, like `ncclComm_t` addresses and
 //! window handles, are reused after destroy/deregister.
@@ -27,10 +27,10 @@
 //! [`set_alloc_site`] and the allocation's number among that site's on its
 //! rank.
 //!
-//! The world's state ([`world`]) is one value behind one mutex; each call's
-//! checks and updates are its methods, by concern: [`memory`], [`comms`],
-//! [`windows`] (registration), [`rules`] (buffer and collective checks) and
-//! [`faults`].
+//! The world's state (`world.rs`) is one value behind one mutex; each
+//! call's checks and updates are its methods, by concern: `memory.rs`,
+//! `comms.rs`, `windows.rs` (registration), `rules.rs` (buffer and
+//! collective checks) and `faults.rs`.
 
 mod backend;
 mod calls;

@@ -38,7 +38,7 @@ pub enum Violation {
         what: Mismatch,
     },
     /// Members of a comm made different numbers of registrations (checked by
-    /// [`SimWorld::verify`] and when the last member destroys the comm).
+    /// [`SimWorld::verify`](super::SimWorld::verify) and when the last member destroys the comm).
     CollectiveCountMismatch {
         /// Simulator comm id.
         comm: u64,
