@@ -23,7 +23,7 @@
  * call works as always and its return value still tells success from
  * failure; only no error message is kept for it (see segreg_last_error).
  *
- * Kept in sync with src/capi.rs by tests/header.rs.
+ * Kept in sync with src/capi/mod.rs by tests/header.rs.
  */
 #ifndef SEGMENT_REGISTRY_H
 #define SEGMENT_REGISTRY_H

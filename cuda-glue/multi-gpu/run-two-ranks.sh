@@ -60,7 +60,7 @@ ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 nvidia-smi topo -m 2>/dev/null | head -5 || true
 if [ "${ngpu:-0}" -lt 2 ] && [ -z "${SEGREG_ALLOW_NO_GPU:-}" ]; then
-    echo "needs 2 GPUs, found ${ngpu:-0}: run it with the device tool's kind nvidia-h100-x2" >&2
+    echo "needs 2 GPUs, found ${ngpu:-0}: run it with a two-GPU kind of the device tool (nvidia-h200-x2)" >&2
     exit 1
 fi
 

@@ -9,6 +9,9 @@
 //! for a pass: a deregistration that meets a pass blocked in a collective on
 //! the same comm is handed to that pass.
 //!
+//! * [`allocator`]: the [`Allocator`] (alloc, free, passes, detach, window
+//!   lookup); its figures come from one table (`stats.rs`), which also
+//!   makes the C ABI's `segreg_stats_t`.
 //! * [`backend`]: the four NCCL calls behind the [`Backend`] trait.
 //! * [`real`]: NCCL and the CUDA driver through cudarc, loaded at run time;
 //!   absence is a typed error.

@@ -19,13 +19,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::allocator::{CommInfo, CommState};
 
-/// Counts one event. Relaxed: statistics, never used to decide anything.
+/// Counts one event.
 pub(crate) fn bump(c: &AtomicU64) {
+    // Relaxed: statistics, never used to decide anything.
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Reads a counter. Relaxed: statistics only.
+/// Reads a counter.
 fn get(c: &AtomicU64) -> u64 {
+    // Relaxed: statistics only.
     c.load(Ordering::Relaxed)
 }
 

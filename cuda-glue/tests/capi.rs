@@ -56,7 +56,7 @@ macro_rules! sym {
     ($lib:expr, $name:literal) => {
         // SAFETY: each field type of `Api` is the C prototype of the symbol
         // it is loaded from (include/segment_registry.h, checked against
-        // src/capi.rs by tests/header.rs).
+        // src/capi/mod.rs by tests/header.rs).
         unsafe { $lib.get($name) }.unwrap()
     };
 }

@@ -1,6 +1,6 @@
 //! `include/segment_registry.h` matches the library: the same functions as
 //! the cdylib exports (read from its ELF dynamic symbol table), with the
-//! same parameter and return types as `src/capi.rs` declares, the same
+//! same parameter and return types as `src/capi/mod.rs` declares, the same
 //! stats struct, and the same `SEGREG_*` return codes.
 #![cfg(not(feature = "loom"))]
 
@@ -12,7 +12,7 @@ use std::path::Path;
 use segment_registry_nccl::capi::SegregStats;
 
 const HEADER: &str = include_str!("../include/segment_registry.h");
-const CAPI: &str = include_str!("../src/capi.rs");
+const CAPI: &str = include_str!("../src/capi/mod.rs");
 
 /// Collapses whitespace and puts `*` next to the type (`void *p` →
 /// `void* p`).
@@ -77,7 +77,7 @@ fn header_functions() -> BTreeMap<String, (String, Vec<String>)> {
     out
 }
 
-/// The C spelling of a Rust type used in `capi.rs`.
+/// The C spelling of a Rust type used in `capi/mod.rs`.
 fn c_type(rust: &str) -> String {
     match rust.trim() {
         "" | "()" => "void",
@@ -95,7 +95,7 @@ fn c_type(rust: &str) -> String {
     .to_string()
 }
 
-/// Function name → (return type, parameter types), from `capi.rs`'s
+/// Function name → (return type, parameter types), from `capi/mod.rs`'s
 /// `extern "C" fn`s, in C spelling.
 fn rust_functions() -> BTreeMap<String, (String, Vec<String>)> {
     let mut out = BTreeMap::new();
@@ -210,7 +210,7 @@ fn header_return_codes_match_the_rust_constants() {
             (name, value.parse().unwrap())
         })
         .collect();
-    // `pub const SEGREG_X: c_int = -n;` in capi.rs.
+    // `pub const SEGREG_X: c_int = -n;` in capi/mod.rs.
     let rust: BTreeMap<String, i32> = CAPI
         .lines()
         .filter_map(|l| l.trim().strip_prefix("pub const SEGREG_"))

@@ -1,6 +1,8 @@
 /*
- * fake_cuda_nccl.c: a stand-in for libcuda and libnccl, for a dry run of
- * the two-process plumbing on a machine without GPUs (dry-run.sh).
+ * fake_cuda_nccl.c: a stand-in for libcuda and libnccl on a machine
+ * without GPUs: for a dry run of the two-process plumbing (dry-run.sh),
+ * and for the tests that run the real backend on it
+ * (tests/real_on_fake.rs).
  *
  * NOT a simulation of NCCL's rules (the simulated backend in src/sim.rs is
  * that). It only lets segment-registry-two-ranks and run-two-ranks.sh run

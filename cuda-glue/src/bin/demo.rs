@@ -15,13 +15,15 @@
 
 use std::process::ExitCode;
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use segment_registry_nccl::real::RealBackend;
-use segment_registry_nccl::sim::{SimCall, SimOp, SimWorld};
-use segment_registry_nccl::{Allocator, RawComm, MEM_GRANULARITY};
+use segment_registry_nccl::sim::{SimBackend, SimCall, SimOp, SimWorld};
+use segment_registry_nccl::{
+    Allocator, AllocatorStats, Backend, BackendError, CommId, RawComm, MEM_GRANULARITY,
+};
 
 struct Options {
     mode: Option<bool>, // Some(true): real, Some(false): sim, None: auto
@@ -88,6 +90,29 @@ struct Timing {
 }
 
 impl Timing {
+    /// `alloc`, timed.
+    fn timed_alloc<B: Backend>(
+        &mut self,
+        al: &Allocator<B>,
+        size: usize,
+        device: i32,
+    ) -> Result<usize, String> {
+        let a = Instant::now();
+        let r = al.alloc(size, device).map_err(|e| e.to_string());
+        self.alloc += a.elapsed();
+        self.allocs += 1;
+        r
+    }
+
+    /// `free`, timed.
+    fn timed_free<B: Backend>(&mut self, al: &Allocator<B>, ptr: usize) -> Result<(), String> {
+        let a = Instant::now();
+        let r = al.free(ptr).map(drop).map_err(|e| e.to_string());
+        self.free += a.elapsed();
+        self.frees += 1;
+        r
+    }
+
     fn add(&mut self, o: &Timing) {
         self.alloc += o.alloc;
         self.allocs += o.allocs;
@@ -126,29 +151,102 @@ struct Signal {
     go: Receiver<()>,
 }
 
+/// The application thread's side of its rank's rendezvous.
+struct AppEnd {
+    /// A registration is parked inside the simulated NCCL call.
+    begun: Receiver<()>,
+    /// Lets it go on.
+    go: Sender<()>,
+}
+
+/// What one rank's application thread carries from iteration to iteration.
+struct RankWork {
+    t: Timing,
+    rng: Rng,
+    live: Vec<usize>,
+}
+
+/// The simulated job: the world, its comms (each rank's handle of each),
+/// and the rendezvous of every rank.
+struct SimJob {
+    world: Arc<SimWorld>,
+    comms: Vec<Vec<RawComm>>,
+    signals: Arc<Vec<Mutex<Signal>>>,
+    /// The comm whose registration parks each iteration (the last one).
+    parked_comm: u64,
+}
+
+const SIM_COMMS: usize = 2;
+
 fn run_sim(o: &Options) -> Result<bool, String> {
-    const COMMS: usize = 2;
-    let world = SimWorld::new(o.ranks);
-    let all: Vec<usize> = (0..o.ranks).collect();
-    let comms: Vec<Vec<RawComm>> = (0..COMMS)
-        .map(|_| world.comm_create(&all).map_err(|e| e.to_string()))
-        .collect::<Result<_, _>>()?;
-    let mut app_ends = Vec::new();
-    let mut signals = Vec::new();
-    for _ in 0..o.ranks {
-        let (begun_tx, begun_rx) = channel();
-        let (go_tx, go_rx) = channel();
-        signals.push(Mutex::new(Signal {
-            armed: None,
-            begun: begun_tx,
-            go: go_rx,
-        }));
-        app_ends.push((begun_rx, go_tx));
+    let (job, ends) = SimJob::new(o.ranks)?;
+    println!(
+        "segment-registry-demo: simulated NCCL, {} ranks x 2 threads (app + comm), {SIM_COMMS} \
+         comms sharing one pool per rank, {} iterations",
+        o.ranks, o.iters
+    );
+    let t0 = Instant::now();
+    let results: Vec<Result<(Timing, Allocator<SimBackend>), String>> = thread::scope(|s| {
+        let job = &job;
+        let handles: Vec<_> = ends
+            .into_iter()
+            .enumerate()
+            .map(|(r, end)| s.spawn(move || job.run_rank(r, &end, o)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("rank thread panicked".into()))
+            })
+            .collect()
+    });
+    let wall = t0.elapsed();
+    job.world.set_hook(None);
+    let (timing, stats) = job.finish(results)?;
+    Ok(job.report(&timing, &stats, wall))
+}
+
+impl SimJob {
+    /// A world of `ranks` ranks, its comms, and the hook that parks each
+    /// rank's armed registration until the application has freed.
+    fn new(ranks: usize) -> Result<(SimJob, Vec<AppEnd>), String> {
+        let world = SimWorld::new(ranks);
+        let all: Vec<usize> = (0..ranks).collect();
+        let comms: Vec<Vec<RawComm>> = (0..SIM_COMMS)
+            .map(|_| world.comm_create(&all).map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        let mut ends = Vec::new();
+        let mut signals = Vec::new();
+        for _ in 0..ranks {
+            let (begun_tx, begun_rx) = channel();
+            let (go_tx, go_rx) = channel();
+            signals.push(Mutex::new(Signal {
+                armed: None,
+                begun: begun_tx,
+                go: go_rx,
+            }));
+            ends.push(AppEnd {
+                begun: begun_rx,
+                go: go_tx,
+            });
+        }
+        let parked_comm = world
+            .comm_id(comms[SIM_COMMS - 1][0])
+            .ok_or("comm vanished")?;
+        let job = SimJob {
+            world,
+            comms,
+            signals: Arc::new(signals),
+            parked_comm,
+        };
+        job.install_hook();
+        Ok((job, ends))
     }
-    let signals = Arc::new(signals);
-    {
-        let signals = signals.clone();
-        world.set_hook(Some(Arc::new(move |call: &SimCall| {
+
+    fn install_hook(&self) {
+        let signals = self.signals.clone();
+        self.world.set_hook(Some(Arc::new(move |call: &SimCall| {
             if call.op != SimOp::Register {
                 return;
             }
@@ -164,149 +262,152 @@ fn run_sim(o: &Options) -> Result<bool, String> {
             }
         })));
     }
-    let last_comm = world.comm_id(comms[COMMS - 1][0]).ok_or("comm vanished")?;
 
-    println!(
-        "segment-registry-demo: simulated NCCL, {} ranks x 2 threads (app + comm), {COMMS} comms \
-         sharing one pool per rank, {} iterations",
-        o.ranks, o.iters
-    );
-    let t0 = Instant::now();
-    let results: Vec<Result<(Timing, Allocator<_>), String>> = thread::scope(|s| {
-        let handles: Vec<_> = app_ends
-            .into_iter()
-            .enumerate()
-            .map(|(r, (begun, go))| {
-                let (world, comms, signals) = (&world, &comms, &signals);
-                s.spawn(move || {
-                    let backend = world.rank(r).ok_or("no such rank")?;
-                    let al = Allocator::new(backend);
-                    for c in comms {
-                        al.attach(c[r]).map_err(|e| e.to_string())?;
-                    }
-                    let mut t = Timing::default();
-                    let mut rng = Rng(0x5eed_1234_abcd_0001);
-                    let mut live: Vec<usize> = Vec::new();
-                    for _ in 0..o.iters {
-                        // The application allocates 1-4 segments.
-                        let k = 1 + rng.below(4) as usize;
-                        let mut fresh = Vec::with_capacity(k);
-                        for _ in 0..k {
-                            let size = (1 + rng.below(4) as usize) * MEM_GRANULARITY;
-                            let a = Instant::now();
-                            fresh.push(al.alloc(size, 0).map_err(|e| e.to_string())?);
-                            t.alloc += a.elapsed();
-                            t.allocs += 1;
-                        }
-                        // The comm thread runs the passes, in attach order;
-                        // its first registration on the last comm parks.
-                        signals[r].lock().map_err(|e| e.to_string())?.armed = Some(last_comm);
-                        let pass = thread::scope(|s2| {
-                            let p = s2.spawn(|| {
-                                let a = Instant::now();
-                                let res = al.register_all();
-                                (a.elapsed(), res)
-                            });
-                            // Meanwhile: free one segment the pass holds and
-                            // some older, registered ones.
-                            begun.recv().map_err(|e| e.to_string())?;
-                            let mut victims = vec![fresh.pop().ok_or("no segment")?];
-                            let n = rng.below(3) as usize;
-                            for _ in 0..n.min(live.len()) {
-                                let i = rng.below(live.len() as u64) as usize;
-                                victims.push(live.swap_remove(i));
-                            }
-                            for v in victims {
-                                let a = Instant::now();
-                                al.free(v).map_err(|e| e.to_string())?;
-                                t.free += a.elapsed();
-                                t.frees += 1;
-                            }
-                            go.send(()).map_err(|e| e.to_string())?;
-                            p.join().map_err(|_| "comm thread panicked".to_string())
-                        })?;
-                        t.pass += pass.0;
-                        for (id, res) in pass.1 {
-                            let summary = res.map_err(|e| format!("{id}: {e}"))?;
-                            t.registered += summary.registered.len() as u64;
-                        }
-                        live.extend(fresh);
-                    }
-                    for p in live {
-                        let a = Instant::now();
-                        al.free(p).map_err(|e| e.to_string())?;
-                        t.free += a.elapsed();
-                        t.frees += 1;
-                    }
-                    Ok((t, al))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("rank thread panicked".into()))
-            })
-            .collect()
-    });
-    let wall = t0.elapsed();
-    world.set_hook(None);
-    let mut timing = Timing::default();
-    let mut stats = Vec::new();
-    for (r, res) in results.into_iter().enumerate() {
-        let (t, al) = res?;
-        timing.add(&t);
-        for (id, d) in al.detach_all() {
-            d.map_err(|e| format!("detach {id}: {e}"))?;
+    /// Rank `r`'s application thread: its allocator on both comms, the
+    /// iterations, then every segment still live freed.
+    fn run_rank(
+        &self,
+        r: usize,
+        end: &AppEnd,
+        o: &Options,
+    ) -> Result<(Timing, Allocator<SimBackend>), String> {
+        let backend = self.world.rank(r).ok_or("no such rank")?;
+        let al = Allocator::new(backend);
+        for c in &self.comms {
+            al.attach(c[r]).map_err(|e| e.to_string())?;
         }
-        for c in &comms {
-            world.comm_destroy(c[r]).map_err(|e| e.to_string())?;
+        let mut w = RankWork {
+            t: Timing::default(),
+            rng: Rng(0x5eed_1234_abcd_0001),
+            live: Vec::new(),
+        };
+        for _ in 0..o.iters {
+            self.iteration(r, &al, end, &mut w)?;
         }
-        stats.push(al.stats());
+        for p in std::mem::take(&mut w.live) {
+            w.t.timed_free(&al, p)?;
+        }
+        Ok((w.t, al))
     }
-    let violations = world.verify();
-    let sim = world.stats();
-    let sum =
-        |f: fn(&segment_registry_nccl::AllocatorStats) -> u64| -> u64 { stats.iter().map(f).sum() };
-    let allocs = sum(|s| s.allocs);
-    let mem_frees = sum(|s| s.mem_frees);
-    let leaked = allocs != mem_frees || sim.live_allocs != 0 || sim.live_windows != 0;
-    println!(
-        "  segments allocated    : {allocs} (freed: {mem_frees}, live at end: {})",
-        sim.live_allocs
-    );
-    println!(
-        "  windows registered    : {} (deregistered: {}, live at end: {})",
-        sum(|s| s.windows_registered),
-        sum(|s| s.windows_deregistered),
-        sim.live_windows
-    );
-    println!(
-        "  handed back by passes : {} (freed while a pass held them)",
-        sum(|s| s.handed_back)
-    );
-    println!(
-        "  deregisters deferred  : {} (queued behind a registration in flight)",
-        sum(|s| s.deregisters_deferred)
-    );
-    println!("  violations: {}", violations.len());
-    for v in violations.iter().take(10) {
-        println!("    {}: {v:?}", v.kind());
+
+    /// One iteration: the application allocates 1-4 segments; the comm
+    /// thread runs the passes, in attach order, and its first registration
+    /// on the last comm parks while the application frees one segment the
+    /// pass holds and some older, registered ones.
+    fn iteration(
+        &self,
+        r: usize,
+        al: &Allocator<SimBackend>,
+        end: &AppEnd,
+        w: &mut RankWork,
+    ) -> Result<(), String> {
+        let k = 1 + w.rng.below(4) as usize;
+        let mut fresh = Vec::with_capacity(k);
+        for _ in 0..k {
+            let size = (1 + w.rng.below(4) as usize) * MEM_GRANULARITY;
+            fresh.push(w.t.timed_alloc(al, size, 0)?);
+        }
+        lock(&self.signals[r]).armed = Some(self.parked_comm);
+        let (elapsed, passes) = thread::scope(|s| {
+            let p = s.spawn(|| {
+                let a = Instant::now();
+                let res = al.register_all();
+                (a.elapsed(), res)
+            });
+            end.begun.recv().map_err(|e| e.to_string())?;
+            let mut victims = vec![fresh.pop().ok_or("no segment")?];
+            let n = w.rng.below(3) as usize;
+            for _ in 0..n.min(w.live.len()) {
+                let i = w.rng.below(w.live.len() as u64) as usize;
+                victims.push(w.live.swap_remove(i));
+            }
+            for v in victims {
+                w.t.timed_free(al, v)?;
+            }
+            end.go.send(()).map_err(|e| e.to_string())?;
+            p.join().map_err(|_| "comm thread panicked".to_string())
+        })?;
+        w.t.pass += elapsed;
+        for (id, res) in passes {
+            let summary = res.map_err(|e| format!("{id}: {e}"))?;
+            w.t.registered += summary.registered.len() as u64;
+        }
+        w.live.extend(fresh);
+        Ok(())
     }
-    timing.print();
-    println!("  wall time             : {:.3} s", wall.as_secs_f64());
-    Ok(violations.is_empty() && !leaked)
+
+    /// Detaches every rank's comms, destroys them, and gathers the timing
+    /// and each allocator's figures.
+    fn finish(
+        &self,
+        results: Vec<Result<(Timing, Allocator<SimBackend>), String>>,
+    ) -> Result<(Timing, Vec<AllocatorStats>), String> {
+        let mut timing = Timing::default();
+        let mut stats = Vec::new();
+        for (r, res) in results.into_iter().enumerate() {
+            let (t, al) = res?;
+            timing.add(&t);
+            for (id, d) in al.detach_all() {
+                d.map_err(|e| format!("detach {id}: {e}"))?;
+            }
+            for c in &self.comms {
+                self.world.comm_destroy(c[r]).map_err(|e| e.to_string())?;
+            }
+            stats.push(al.stats());
+        }
+        Ok((timing, stats))
+    }
+
+    /// Prints the figures; `true` if nothing leaked and no rule was broken.
+    fn report(&self, timing: &Timing, stats: &[AllocatorStats], wall: Duration) -> bool {
+        let violations = self.world.verify();
+        let sim = self.world.stats();
+        let sum = |f: fn(&AllocatorStats) -> u64| -> u64 { stats.iter().map(f).sum() };
+        let allocs = sum(|s| s.allocs);
+        let mem_frees = sum(|s| s.mem_frees);
+        let leaked = allocs != mem_frees || sim.live_allocs != 0 || sim.live_windows != 0;
+        println!(
+            "  segments allocated    : {allocs} (freed: {mem_frees}, live at end: {})",
+            sim.live_allocs
+        );
+        println!(
+            "  windows registered    : {} (deregistered: {}, live at end: {})",
+            sum(|s| s.windows_registered),
+            sum(|s| s.windows_deregistered),
+            sim.live_windows
+        );
+        println!(
+            "  handed back by passes : {} (freed while a pass held them)",
+            sum(|s| s.handed_back)
+        );
+        println!(
+            "  deregisters deferred  : {} (queued behind a registration in flight)",
+            sum(|s| s.deregisters_deferred)
+        );
+        println!("  violations: {}", violations.len());
+        for v in violations.iter().take(10) {
+            println!("    {}: {v:?}", v.kind());
+        }
+        timing.print();
+        println!("  wall time             : {:.3} s", wall.as_secs_f64());
+        violations.is_empty() && !leaked
+    }
 }
 
+/// The two one-rank comms of the real run.
+const REAL_COMMS: usize = 2;
+
 fn run_real(o: &Options, backend: RealBackend) -> Result<bool, String> {
-    let e = |e: segment_registry_nccl::BackendError| e.to_string();
+    let e = |e: BackendError| e.to_string();
     let version = backend.nccl_version();
     let (free0, total) = backend.mem_get_info(o.device).map_err(e)?;
-    let c1 = backend.comm_init_one_rank(o.device).map_err(e)?;
-    let c2 = backend.comm_init_one_rank(o.device).map_err(e)?;
+    let mut raws = [RawComm(0); REAL_COMMS];
+    for raw in &mut raws {
+        *raw = backend.comm_init_one_rank(o.device).map_err(e)?;
+    }
     println!(
-        "segment-registry-demo: real NCCL {}.{}.{}, device {}, one rank, 2 comms, {} iterations",
+        "segment-registry-demo: real NCCL {}.{}.{}, device {}, one rank, {REAL_COMMS} comms, {} \
+         iterations",
         version / 10000,
         version / 100 % 100,
         version % 100,
@@ -314,62 +415,88 @@ fn run_real(o: &Options, backend: RealBackend) -> Result<bool, String> {
         o.iters
     );
     let al = Allocator::new(backend);
-    let ids = [
-        al.attach(c1).map_err(|e| e.to_string())?,
-        al.attach(c2).map_err(|e| e.to_string())?,
-    ];
+    let mut ids = Vec::new();
+    for raw in raws {
+        ids.push(al.attach(raw).map_err(|e| e.to_string())?);
+    }
     let mut t = Timing::default();
     let mut rng = Rng(7);
     let mut result = Ok(());
     for _ in 0..o.iters {
-        let mut ptrs = Vec::new();
-        for _ in 0..1 + rng.below(3) {
-            let size = (1 + rng.below(4) as usize) * MEM_GRANULARITY;
-            let a = Instant::now();
-            match al.alloc(size, o.device) {
-                Ok(p) => ptrs.push(p),
-                Err(err) => {
-                    result = Err(err.to_string());
-                    break;
-                }
-            }
-            t.alloc += a.elapsed();
-            t.allocs += 1;
-        }
-        let a = Instant::now();
-        for (id, r) in al.register_all() {
-            match r {
-                Ok(s) => t.registered += s.registered.len() as u64,
-                Err(err) => result = Err(format!("{id}: {err}")),
-            }
-        }
-        t.pass += a.elapsed();
-        for p in ptrs {
-            let a = Instant::now();
-            if let Err(err) = al.free(p) {
-                result = Err(err.to_string());
-            }
-            t.free += a.elapsed();
-            t.frees += 1;
-        }
+        result = real_iteration(&al, o.device, &mut rng, &mut t);
         if result.is_err() {
             break;
         }
     }
     let stats = al.stats();
-    for id in ids {
+    if let Err(err) = real_teardown(&al, &ids, raws) {
+        result = Err(err);
+    }
+    let (free1, _) = al.backend().mem_get_info(o.device).map_err(e)?;
+    print_real_report(&stats, &t, free0, free1, total);
+    result?;
+    Ok(stats.allocs == stats.mem_frees && stats.windows_registered == stats.windows_deregistered)
+}
+
+/// One iteration on real NCCL: 1-3 allocations, a pass over both comms,
+/// the frees. Every step runs; the last error is returned.
+fn real_iteration(
+    al: &Allocator<RealBackend>,
+    device: i32,
+    rng: &mut Rng,
+    t: &mut Timing,
+) -> Result<(), String> {
+    let mut result = Ok(());
+    let mut ptrs = Vec::new();
+    for _ in 0..1 + rng.below(3) {
+        let size = (1 + rng.below(4) as usize) * MEM_GRANULARITY;
+        match t.timed_alloc(al, size, device) {
+            Ok(p) => ptrs.push(p),
+            Err(err) => {
+                result = Err(err);
+                break;
+            }
+        }
+    }
+    let a = Instant::now();
+    for (id, r) in al.register_all() {
+        match r {
+            Ok(s) => t.registered += s.registered.len() as u64,
+            Err(err) => result = Err(format!("{id}: {err}")),
+        }
+    }
+    t.pass += a.elapsed();
+    for p in ptrs {
+        if let Err(err) = t.timed_free(al, p) {
+            result = Err(err);
+        }
+    }
+    result
+}
+
+/// Detaches the comms and destroys them; the last error, if any.
+fn real_teardown(
+    al: &Allocator<RealBackend>,
+    ids: &[CommId],
+    raws: [RawComm; REAL_COMMS],
+) -> Result<(), String> {
+    let mut result = Ok(());
+    for &id in ids {
         if let Err(err) = al.detach(id) {
             result = Err(err.to_string());
         }
     }
-    for c in [c1, c2] {
-        // SAFETY: made above, detached from the allocator, used by nobody
-        // else, never used again.
+    for c in raws {
+        // SAFETY: made by `run_real`, detached from the allocator just
+        // above, used by nobody else, never used again.
         if let Err(err) = unsafe { al.backend().comm_destroy(c) } {
             result = Err(err.to_string());
         }
     }
-    let (free1, _) = al.backend().mem_get_info(o.device).map_err(e)?;
+    result
+}
+
+fn print_real_report(stats: &AllocatorStats, t: &Timing, free0: usize, free1: usize, total: usize) {
     println!(
         "  segments allocated    : {} (freed: {})",
         stats.allocs, stats.mem_frees
@@ -387,8 +514,10 @@ fn run_real(o: &Options, backend: RealBackend) -> Result<bool, String> {
         free1 as f64 / 1048576.0,
         total as f64 / 1048576.0
     );
-    result?;
-    Ok(stats.allocs == stats.mem_frees && stats.windows_registered == stats.windows_deregistered)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn main() -> ExitCode {

@@ -37,24 +37,24 @@
 //! Exit status: 0 pass, 1 failure, 2 usage, 124 timeout. Launch both ranks
 //! with `multi-gpu/run-two-ranks.sh`.
 
+#[path = "two_ranks/exchange.rs"]
+mod exchange;
 #[path = "two_ranks/workload.rs"]
 mod workload;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use exchange::{exchange_ids, wait_for_file, write_atomic};
 use segment_registry_nccl::real::{RealBackend, UniqueId};
 use segment_registry_nccl::{Allocator, RawComm};
 use workload::{compare_logs, DataPath, Env, Plan, Report, Traced, COMMS};
 
 const MIB: f64 = 1048576.0;
-const ID_FILE: &str = "nccl-unique-ids";
-const ID_MAGIC: &str = "segment-registry-two-ranks nccl ids v1";
-const POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug)]
 struct Options {
@@ -164,101 +164,6 @@ fn start_watchdog(rank: usize, deadline: Instant, timeout: Duration, phase: Phas
         );
         std::process::exit(124);
     });
-}
-
-/// Writes `text` to `path` atomically (a temporary file, then a rename):
-/// a reader polling for `path` never sees it half written.
-fn write_atomic(path: &Path, text: &str) -> Result<(), String> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    fs::write(&tmp, text).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    fs::rename(&tmp, path).map_err(|e| format!("renaming to {}: {e}", path.display()))
-}
-
-/// Polls for `path` until `deadline`; gives up early if the rank that
-/// should write it reports a failure in `peer_status`.
-fn wait_for_file(
-    path: &Path,
-    deadline: Instant,
-    what: &str,
-    peer_status: Option<&Path>,
-) -> Result<String, String> {
-    loop {
-        match fs::read_to_string(path) {
-            Ok(s) => return Ok(s),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("reading {}: {e}", path.display())),
-        }
-        if let Some(st) = peer_status.and_then(|p| fs::read_to_string(p).ok()) {
-            if st.starts_with("failed") {
-                return Err(format!("gave up waiting for {what}: {}", st.trim()));
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(format!("timed out waiting for {what} ({})", path.display()));
-        }
-        thread::sleep(POLL);
-    }
-}
-
-/// The id file: magic, world size, one hex id per comm.
-fn format_ids(world: usize, ids: &[UniqueId]) -> String {
-    let mut s = format!("{ID_MAGIC}\nworld_size={world}\n");
-    for id in ids {
-        s.push_str(&id.to_hex());
-        s.push('\n');
-    }
-    s
-}
-
-fn parse_ids(text: &str, world: usize, count: usize) -> Result<Vec<UniqueId>, String> {
-    let mut lines = text.lines();
-    if lines.next() != Some(ID_MAGIC) {
-        return Err("the id file does not start with the expected header".into());
-    }
-    let w = lines.next().unwrap_or_default();
-    if w != format!("world_size={world}") {
-        return Err(format!(
-            "the id file is for another job ({w:?}, this one has world_size={world})"
-        ));
-    }
-    let ids = lines
-        .map(|l| UniqueId::from_hex(l).map_err(|e| e.to_string()))
-        .collect::<Result<Vec<_>, _>>()?;
-    if ids.len() != count {
-        return Err(format!(
-            "the id file holds {} ids, expected {count}",
-            ids.len()
-        ));
-    }
-    Ok(ids)
-}
-
-/// Rank 0 makes one unique id per comm and publishes them; the other ranks
-/// poll for them.
-fn exchange_ids(o: &Options, b: &RealBackend, deadline: Instant) -> Result<Vec<UniqueId>, String> {
-    let path = o.dir.join(ID_FILE);
-    if o.rank == 0 {
-        if path.exists() {
-            return Err(format!(
-                "{} exists: a stale id from an earlier run; use a fresh --dir",
-                path.display()
-            ));
-        }
-        let ids = (0..COMMS.len())
-            .map(|_| b.unique_id())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| e.to_string())?;
-        write_atomic(&path, &format_ids(o.world, &ids))?;
-        Ok(ids)
-    } else {
-        let text = wait_for_file(
-            &path,
-            deadline,
-            "rank 0's NCCL unique ids",
-            Some(&o.dir.join("status.rank0")),
-        )?;
-        parse_ids(&text, o.world, COMMS.len())
-    }
 }
 
 /// The device this rank uses (see the module docs).
@@ -390,8 +295,57 @@ fn memory_loss(report: &Report, warmup: usize) -> Option<(f64, f64, f64)> {
 }
 
 fn run(o: &Options, phase: &Phase, deadline: Instant) -> Result<(), String> {
-    let r = o.rank;
     let say = |s: &str| phase.set(s);
+    let env = setup(o, &say, deadline)?;
+    // Negative control: every rank but 0 allocates region 1's x and y in
+    // the opposite order, so the collective registrations differ.
+    let plan = Plan {
+        cycles: o.cycles,
+        swap: (o.control_swap && o.rank != 0).then_some((0, 1)),
+    };
+    let started = Instant::now();
+    let (rep, outcome) = workload::run(&env, env.comms, &plan, &say);
+    let elapsed = started.elapsed();
+
+    // Log and status, whatever happened (rank 0 waits for them); after a
+    // failure the log holds the passes that completed.
+    let lines = rep.log_lines();
+    write_log(o, &lines)?;
+    let mut problems: Vec<String> = Vec::new();
+    if let Err(e) = &outcome {
+        problems.push(format!("workload: {e}"));
+    } else {
+        print_summary(o.rank, &rep, elapsed);
+        problems.extend(check_memory(o, &rep));
+    }
+    write_status(o, &problems)?;
+    if o.rank == 0 {
+        say("waiting for the other ranks' logs");
+        problems.extend(compare_peer_logs(o, deadline, &lines, outcome.is_ok())?);
+    }
+
+    // Destroy the comms (the workload detached them) only after a clean
+    // run: after a failure a comm may still hold windows or a peer may be
+    // gone; process exit cleans up.
+    if outcome.is_ok() {
+        say("ncclCommDestroy");
+        for c in env.comms {
+            // SAFETY: made by `setup` in this process, detached from the
+            // allocator by the workload, used by nobody else, never again.
+            unsafe { env.backend().comm_destroy(c) }.map_err(|e| e.to_string())?;
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n  "))
+    }
+}
+
+/// Loads CUDA and NCCL, picks the device, exchanges the unique ids and
+/// makes comms A and B on it (each checked against NCCL's count and rank).
+fn setup(o: &Options, say: &dyn Fn(&str), deadline: Instant) -> Result<RealEnv, String> {
+    let r = o.rank;
     say("loading CUDA and NCCL");
     let backend = RealBackend::new().map_err(|e| e.to_string())?;
     let device = pick_device(o, &backend)?;
@@ -406,160 +360,149 @@ fn run(o: &Options, phase: &Phase, deadline: Instant) -> Result<(), String> {
         std::process::id()
     );
     say("exchanging the NCCL unique ids");
-    let ids = exchange_ids(o, &backend, deadline)?;
-    let mut raws = [RawComm(0); 2];
+    let ids = exchange_ids(&o.dir, (o.rank, o.world), &backend, deadline)?;
+    let mut comms = [RawComm(0); 2];
     for (i, id) in ids.iter().enumerate() {
         say(&format!("ncclCommInitRank for comm {}", COMMS[i]));
-        // World size fits i32 (checked by `parse`); rank < world.
-        let c = backend
-            .comm_init_rank(device, o.world as i32, r as i32, id)
-            .map_err(|e| format!("comm {}: {e}", COMMS[i]))?;
-        // SAFETY: `c` was just made by this process and is live.
-        let info = unsafe { backend.comm_rank_info(c) }.map_err(|e| e.to_string())?;
-        if info != (o.world as i32, r as i32) {
-            return Err(format!(
-                "comm {}: NCCL says (count, rank) = {info:?}",
-                COMMS[i]
-            ));
-        }
-        raws[i] = c;
+        comms[i] =
+            init_comm(o, &backend, device, id).map_err(|e| format!("comm {}: {e}", COMMS[i]))?;
     }
-    println!("rank {r}: comms A {:?} and B {:?} ready", raws[0], raws[1]);
-    let env = RealEnv {
+    println!(
+        "rank {r}: comms A {:?} and B {:?} ready",
+        comms[0], comms[1]
+    );
+    Ok(RealEnv {
         al: Allocator::new(Traced::new(backend)),
         rank: r,
         world: o.world,
         device,
-        comms: raws,
-    };
-    // Negative control: every rank but 0 allocates region 1's x and y in
-    // the opposite order, so the collective registrations differ.
-    let plan = Plan {
-        cycles: o.cycles,
-        swap: (o.control_swap && r != 0).then_some((0, 1)),
-    };
-    let started = Instant::now();
-    let (rep, outcome) = workload::run(&env, raws, &plan, &say);
-    let elapsed = started.elapsed();
+        comms,
+    })
+}
 
-    // Log and status, whatever happened (rank 0 waits for them); after a
-    // failure the log holds the passes that completed.
-    let report = outcome.is_ok().then_some(&rep);
-    let lines = rep.log_lines();
+/// Joins this rank's comm of the id on `device`, and checks that NCCL
+/// agrees on its size and on this rank.
+fn init_comm(o: &Options, b: &RealBackend, device: i32, id: &UniqueId) -> Result<RawComm, String> {
+    // World size fits i32 (checked by `parse`); rank < world.
+    let (world, rank) = (o.world as i32, o.rank as i32);
+    let c = b
+        .comm_init_rank(device, world, rank, id)
+        .map_err(|e| e.to_string())?;
+    // SAFETY: `c` was just made by this process and is live.
+    let info = unsafe { b.comm_rank_info(c) }.map_err(|e| e.to_string())?;
+    if info != (world, rank) {
+        return Err(format!("NCCL says (count, rank) = {info:?}"));
+    }
+    Ok(c)
+}
+
+/// This rank's registration log, `regs.rank<R>.log`.
+fn write_log(o: &Options, lines: &[String]) -> Result<(), String> {
     let mut log = lines.join("\n");
     if !log.is_empty() {
         log.push('\n');
     }
-    write_atomic(&o.dir.join(format!("regs.rank{r}.log")), &log)?;
-    let mut problems: Vec<String> = Vec::new();
-    if let Err(e) = &outcome {
-        problems.push(format!("workload: {e}"));
-    }
-    if let Some(rep) = report {
-        let per_comm = |c: &str| rep.lines.iter().filter(|l| l.comm == c).count();
-        println!(
-            "rank {r}: {} cycles in {:.2} s: {} registrations (A {}, B {}), {} all-reduces \
-             checked, {} frees deregistered both windows first, {}/{} re-allocations got a \
-             freed address back",
-            rep.cycles.len(),
-            elapsed.as_secs_f64(),
-            rep.lines.len(),
-            per_comm("A"),
-            per_comm("B"),
-            rep.all_reduces,
-            rep.frees_checked,
-            rep.reused,
-            rep.reallocs
-        );
-        if rep.reused == 0 {
-            println!("rank {r}: note: NCCL handed out no freed address again (not required)");
-        }
-        let free: Vec<String> = rep
-            .cycles
-            .iter()
-            .filter_map(|c| c.free_device_bytes)
-            .map(|b| format!("{:.0}", b as f64 / MIB))
-            .collect();
-        println!(
-            "rank {r}: free device MiB after each cycle: {}",
-            free.join(" ")
-        );
-        match memory_loss(rep, o.warmup) {
-            Some((base, end, loss)) => {
-                println!(
-                    "rank {r}: free device memory: {base:.1} MiB after warm-up cycle {}, \
-                     {end:.1} MiB at the end: {loss:+.1} MiB lost (allowed {:.1})",
-                    o.warmup, o.tolerance_mib
-                );
-                if loss > o.tolerance_mib {
-                    problems.push(format!(
-                        "free device memory fell by {loss:.1} MiB over {} cycles",
-                        rep.cycles.len() - o.warmup
-                    ));
-                }
-            }
-            None => {
-                println!("rank {r}: too few cycles for a memory baseline (--cycles > --warmup)")
-            }
-        }
-    }
+    write_atomic(&o.dir.join(format!("regs.rank{}.log", o.rank)), &log)
+}
+
+/// This rank's status, `status.rank<R>`: `ok` or `failed: ...`.
+fn write_status(o: &Options, problems: &[String]) -> Result<(), String> {
     let status = if problems.is_empty() {
         "ok".to_string()
     } else {
         format!("failed: {}", problems.join("; "))
     };
     write_atomic(
-        &o.dir.join(format!("status.rank{r}")),
+        &o.dir.join(format!("status.rank{}", o.rank)),
         &format!("{status}\n"),
-    )?;
+    )
+}
 
-    // Rank 0 compares the logs.
-    if r == 0 {
-        say("waiting for the other ranks' logs");
-        for peer in 1..o.world {
-            let st = wait_for_file(
-                &o.dir.join(format!("status.rank{peer}")),
-                deadline,
-                &format!("rank {peer}'s status"),
-                None,
-            )?;
-            if st.trim() != "ok" {
-                problems.push(format!("rank {peer}: {}", st.trim()));
-            }
-            let text = fs::read_to_string(o.dir.join(format!("regs.rank{peer}.log")))
-                .map_err(|e| format!("rank {peer}'s log: {e}"))?;
-            let theirs: Vec<String> = text.lines().map(str::to_string).collect();
-            match compare_logs((0, &lines), (peer, &theirs)) {
-                Ok(n) => println!(
-                    "rank 0: registration logs of ranks 0 and {peer} are identical{} \
-                     ({n} registrations, same order)",
-                    if outcome.is_ok() {
-                        ""
-                    } else {
-                        " as far as they go"
-                    }
-                ),
-                Err(e) => problems.push(format!("logs: {e}")),
-            }
+/// What a clean run did, and the free device memory after each cycle.
+fn print_summary(r: usize, rep: &Report, elapsed: Duration) {
+    let per_comm = |c: &str| rep.lines.iter().filter(|l| l.comm == c).count();
+    println!(
+        "rank {r}: {} cycles in {:.2} s: {} registrations (A {}, B {}), {} all-reduces \
+         checked, {} frees deregistered both windows first, {}/{} re-allocations got a \
+         freed address back",
+        rep.cycles.len(),
+        elapsed.as_secs_f64(),
+        rep.lines.len(),
+        per_comm("A"),
+        per_comm("B"),
+        rep.all_reduces,
+        rep.frees_checked,
+        rep.reused,
+        rep.reallocs
+    );
+    if rep.reused == 0 {
+        println!("rank {r}: note: NCCL handed out no freed address again (not required)");
+    }
+    let free: Vec<String> = rep
+        .cycles
+        .iter()
+        .filter_map(|c| c.free_device_bytes)
+        .map(|b| format!("{:.0}", b as f64 / MIB))
+        .collect();
+    println!(
+        "rank {r}: free device MiB after each cycle: {}",
+        free.join(" ")
+    );
+}
+
+/// The free-memory check: a problem if more than the tolerance was lost
+/// from the end of the warm-up to the end.
+fn check_memory(o: &Options, rep: &Report) -> Option<String> {
+    let r = o.rank;
+    let Some((base, end, loss)) = memory_loss(rep, o.warmup) else {
+        println!("rank {r}: too few cycles for a memory baseline (--cycles > --warmup)");
+        return None;
+    };
+    println!(
+        "rank {r}: free device memory: {base:.1} MiB after warm-up cycle {}, {end:.1} MiB at \
+         the end: {loss:+.1} MiB lost (allowed {:.1})",
+        o.warmup, o.tolerance_mib
+    );
+    (loss > o.tolerance_mib).then(|| {
+        format!(
+            "free device memory fell by {loss:.1} MiB over {} cycles",
+            rep.cycles.len() - o.warmup
+        )
+    })
+}
+
+/// Rank 0: waits for every other rank's status and log, and compares each
+/// log with its own. Returns the problems found.
+fn compare_peer_logs(
+    o: &Options,
+    deadline: Instant,
+    lines: &[String],
+    complete: bool,
+) -> Result<Vec<String>, String> {
+    let mut problems = Vec::new();
+    for peer in 1..o.world {
+        let st = wait_for_file(
+            &o.dir.join(format!("status.rank{peer}")),
+            deadline,
+            &format!("rank {peer}'s status"),
+            None,
+        )?;
+        if st.trim() != "ok" {
+            problems.push(format!("rank {peer}: {}", st.trim()));
+        }
+        let text = fs::read_to_string(o.dir.join(format!("regs.rank{peer}.log")))
+            .map_err(|e| format!("rank {peer}'s log: {e}"))?;
+        let theirs: Vec<String> = text.lines().map(str::to_string).collect();
+        match compare_logs((0, lines), (peer, &theirs)) {
+            Ok(n) => println!(
+                "rank 0: registration logs of ranks 0 and {peer} are identical{} \
+                 ({n} registrations, same order)",
+                if complete { "" } else { " as far as they go" }
+            ),
+            Err(e) => problems.push(format!("logs: {e}")),
         }
     }
-
-    // Destroy the comms (the workload detached them) only after a clean
-    // run: after a failure a comm may still hold windows or a peer may be
-    // gone; process exit cleans up.
-    if outcome.is_ok() {
-        say("ncclCommDestroy");
-        for c in raws {
-            // SAFETY: made above by this process, detached from the
-            // allocator by the workload, used by nobody else, never again.
-            unsafe { env.backend().comm_destroy(c) }.map_err(|e| e.to_string())?;
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("\n  "))
-    }
+    Ok(problems)
 }
 
 fn main() -> ExitCode {
@@ -597,42 +540,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn id_file_round_trip_and_refusals() {
-        let ids = [UniqueId([7; 128]), UniqueId([0xa5; 128])];
-        let text = format_ids(2, &ids);
-        assert_eq!(parse_ids(&text, 2, 2).unwrap(), ids);
-        assert!(parse_ids(&text, 3, 2).unwrap_err().contains("another job"));
-        assert!(parse_ids(&text, 2, 3).unwrap_err().contains("holds 2 ids"));
-        assert!(parse_ids("garbage", 2, 2).is_err());
-        let bad = text.replace("a5a5", "zz");
-        assert!(parse_ids(&bad, 2, 2).is_err());
-    }
-
-    #[test]
-    fn waiting_for_a_missing_file_times_out() {
-        let dir = std::env::temp_dir().join(format!("segreg-two-ranks-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("never");
-        let t = Instant::now();
-        let soon = Instant::now() + Duration::from_millis(200);
-        let e = wait_for_file(&p, soon, "x", None).unwrap_err();
-        assert!(e.contains("timed out"), "{e}");
-        assert!(t.elapsed() < Duration::from_secs(5));
-        // A peer that reports a failure ends the wait at once.
-        let peer = dir.join("status.peer");
-        write_atomic(&peer, "failed: no GPU\n").unwrap();
-        let far = Instant::now() + Duration::from_secs(60);
-        let e = wait_for_file(&p, far, "x", Some(&peer)).unwrap_err();
-        assert!(e.contains("no GPU"), "{e}");
-        write_atomic(&p, "hello").unwrap();
-        assert_eq!(
-            wait_for_file(&p, Instant::now(), "x", None).unwrap(),
-            "hello"
-        );
-        fs::remove_dir_all(&dir).unwrap();
-    }
 
     #[test]
     fn options_from_arguments() {

@@ -15,12 +15,14 @@
 //! (HCCL's `HcclCommSymWinGet`): lock-free on success, with one error code
 //! per answer (`SEGREG_ERR_*`).
 
-use std::cell::RefCell;
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+mod boundary;
+
+use std::ffi::{c_char, c_int, c_void};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use segment_registry::WindowLookupError;
+use segment_registry::{CommId, WindowLookupError};
+
+use boundary::{api, api_coded, last_error_ptr};
 
 use crate::allocator::{Allocator, WindowError};
 use crate::backend::{Backend, RawComm};
@@ -63,67 +65,6 @@ struct Global {
 static GLOBAL: OnceLock<Global> = OnceLock::new();
 static INIT: Mutex<()> = Mutex::new(());
 
-thread_local! {
-    /// The message of the thread's last call; `None` when it succeeded.
-    static LAST_ERROR: RefCell<Option<CString>> = const { RefCell::new(None) };
-}
-
-/// What [`segreg_last_error`] answers once the calling thread's
-/// thread-locals are destroyed (at thread or process exit), where no
-/// message can be kept.
-const NO_SLOT: &CStr = c"no message kept: this thread's storage is gone (a call made during \
-thread or process exit); the call's return value tells whether it failed";
-
-/// Stores the outcome of the thread's call (`None`: success). Never
-/// panics: once the thread's locals are destroyed (`try_with` fails) the
-/// outcome is not stored, and the slot is never borrowed across a call.
-fn set_last_error(msg: Option<&str>) {
-    let msg = msg.map(|m| CString::new(m.replace('\0', " ")).unwrap_or_default());
-    let _ = LAST_ERROR.try_with(|slot| {
-        if let Ok(mut s) = slot.try_borrow_mut() {
-            *s = msg;
-        }
-    });
-}
-
-/// The thread's stored message, null after a success, or [`NO_SLOT`].
-fn last_error_ptr() -> *const c_char {
-    LAST_ERROR
-        .try_with(|slot| {
-            slot.try_borrow()
-                .ok()
-                .and_then(|s| s.as_ref().map(|c| c.as_ptr()))
-                .unwrap_or(std::ptr::null())
-        })
-        .unwrap_or(NO_SLOT.as_ptr())
-}
-
-/// Runs an entry point: clears the thread's last error, runs `f` under
-/// `catch_unwind`, and turns `Err((value, message))` into `value` plus the
-/// message, and a panic (a bug) into `internal` plus a message. Nothing
-/// here panics, also after the thread's locals are gone, so no entry
-/// point unwinds into C or aborts.
-fn api_coded<R>(internal: R, f: impl FnOnce() -> Result<R, (R, String)>) -> R {
-    set_last_error(None);
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => v,
-        Ok(Err((v, msg))) => {
-            set_last_error(Some(&msg));
-            v
-        }
-        Err(_) => {
-            set_last_error(Some("internal error (panic caught at the C boundary)"));
-            internal
-        }
-    }
-}
-
-/// [`api_coded`] for the entry points that answer every failure with the
-/// same value `fail`.
-fn api<R: Copy>(fail: R, f: impl FnOnce() -> Result<R, String>) -> R {
-    api_coded(fail, || f().map_err(|msg| (fail, msg)))
-}
-
 fn global() -> Result<&'static Global, String> {
     GLOBAL
         .get()
@@ -155,6 +96,17 @@ fn comm_of(ptr: *mut c_void) -> Result<RawComm, String> {
         return Err("null communicator".into());
     }
     Ok(RawComm(ptr as usize))
+}
+
+/// The allocator and the id of the attached raw comm `comm`.
+fn attached(comm: *mut c_void) -> Result<(&'static Global, CommId), String> {
+    let raw = comm_of(comm)?;
+    let g = global()?;
+    let id = g
+        .alloc
+        .comm_id(raw)
+        .ok_or_else(|| format!("{raw:?} is not attached"))?;
+    Ok((g, id))
 }
 
 fn clamp(n: usize) -> c_int {
@@ -255,12 +207,7 @@ pub extern "C" fn segreg_attach(comm: *mut c_void) -> i64 {
 #[no_mangle]
 pub extern "C" fn segreg_register(comm: *mut c_void) -> c_int {
     api(-1, || {
-        let raw = comm_of(comm)?;
-        let g = global()?;
-        let id = g
-            .alloc
-            .comm_id(raw)
-            .ok_or_else(|| format!("{raw:?} is not attached"))?;
+        let (g, id) = attached(comm)?;
         let s = g.alloc.register(id).map_err(|e| e.to_string())?;
         Ok(clamp(s.registered.len()))
     })
@@ -295,12 +242,7 @@ pub extern "C" fn segreg_register_all() -> c_int {
 #[no_mangle]
 pub extern "C" fn segreg_detach(comm: *mut c_void) -> c_int {
     api(-1, || {
-        let raw = comm_of(comm)?;
-        let g = global()?;
-        let id = g
-            .alloc
-            .comm_id(raw)
-            .ok_or_else(|| format!("{raw:?} is not attached"))?;
+        let (g, id) = attached(comm)?;
         let r = g.alloc.detach(id).map_err(|e| e.to_string())?;
         Ok(clamp(r.deregistered))
     })
