@@ -148,3 +148,41 @@ impl Switches {
         false
     }
 }
+
+/// The naive negative control's seq counter (a registry's) or highest seq
+/// seen (a comm's). Present only with the `test-support` feature: the
+/// shipped registry carries no field for it.
+#[derive(Default)]
+pub(crate) struct NaiveSeq(#[cfg(feature = "test-support")] crate::sync::AtomicU64);
+
+impl NaiveSeq {
+    /// The registry's counter: the next seq, taken when a track starts.
+    pub(crate) fn next(&self) -> u64 {
+        #[cfg(feature = "test-support")]
+        // Relaxed: the naive counter orders nothing (that is the bug).
+        return self.0.fetch_add(1, crate::sync::Ordering::Relaxed) + 1;
+        #[cfg(not(feature = "test-support"))]
+        0
+    }
+
+    /// A comm's highest seq seen.
+    pub(crate) fn highest(&self) -> u64 {
+        #[cfg(feature = "test-support")]
+        // Relaxed: only the comm's BUSY owner touches it.
+        return self.0.load(crate::sync::Ordering::Relaxed);
+        #[cfg(not(feature = "test-support"))]
+        0
+    }
+
+    /// A comm's pass registered `seq`.
+    pub(crate) fn saw(&self, seq: u64) {
+        #[cfg(feature = "test-support")]
+        {
+            // Relaxed: only the comm's BUSY owner touches it.
+            let m = self.0.load(crate::sync::Ordering::Relaxed).max(seq);
+            self.0.store(m, crate::sync::Ordering::Relaxed);
+        }
+        #[cfg(not(feature = "test-support"))]
+        let _ = seq;
+    }
+}

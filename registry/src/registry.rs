@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::counters::Counters;
-use crate::faults::Switches;
+use crate::faults::{NaiveSeq, Switches};
 use crate::index::{AddressIndex, SkipIndex};
 use crate::node::{untag, Node};
 use crate::pagemap::{PageMap, DEFAULT_PAGE_GRANULE};
@@ -64,7 +64,8 @@ pub struct Registry<C, W, I: AddressIndex = SkipIndex> {
     tail: AtomicPtr<Node<W>>,
     comms: RwLock<BTreeMap<CommId, Arc<CommSlot<C, W>>>>,
     next_comm: AtomicU64,
-    naive_seq: AtomicU64,
+    /// The naive negative control's seq counter (test-support only).
+    naive_seq: NaiveSeq,
     sweep_slack: usize,
     /// What panicking passes of forgotten comms could not report; see
     /// [`Registry::take_orphans`].
@@ -169,7 +170,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             tail: AtomicPtr::new(head),
             comms: RwLock::new(BTreeMap::new()),
             next_comm: AtomicU64::new(0),
-            naive_seq: AtomicU64::new(0),
+            naive_seq: NaiveSeq::default(),
             sweep_slack: SWEEP_SLACK,
             orphans: std::sync::Mutex::new(RegistryOrphans {
                 handed_back: Vec::new(),

@@ -7,10 +7,11 @@ use super::Registry;
 use crate::comm_state::{CommState, BUSY};
 use crate::counters::Counters;
 use crate::error::CommError;
+use crate::faults::NaiveSeq;
 use crate::index::AddressIndex;
 use crate::node::Node;
 use crate::results::{release_hold, Forgotten, HandBack, Hold};
-use crate::sync::{fence, uninstrumented, Arc, AtomicPtr, AtomicU64, Ordering};
+use crate::sync::{fence, uninstrumented, Arc, AtomicPtr, Ordering};
 use crate::{CommId, Segment};
 
 /// One attached comm.
@@ -24,8 +25,8 @@ pub(super) struct CommSlot<C, W> {
     /// Pinned (state word) so the sweeper keeps it linked. Written only by
     /// the pass that holds `BUSY` (or by `forget` when none does).
     pub(super) cursor: AtomicPtr<Node<W>>,
-    /// The naive negative control's "highest seq seen".
-    pub(super) naive_max_seq: AtomicU64,
+    /// The naive negative control's "highest seq seen" (test-support only).
+    pub(super) naive_max_seq: NaiveSeq,
     /// What a pass whose callback panicked could not report: handed to the
     /// next pass on this comm, or to `forget`. A std mutex, touched only on
     /// that path, by the BUSY owner or by forget.
@@ -96,7 +97,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             payload,
             state: Arc::new(CommState::new()),
             cursor: AtomicPtr::new(self.head),
-            naive_max_seq: AtomicU64::new(0),
+            naive_max_seq: NaiveSeq::default(),
             orphans: std::sync::Mutex::new(Orphans {
                 handed_back: Vec::new(),
                 free_now: Vec::new(),

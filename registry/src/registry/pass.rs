@@ -170,8 +170,7 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
         self.end = end;
         // P3: hold every live node of (cursor, end].
         let naive = reg.faults.naive_cursor();
-        // Relaxed: only the BUSY owner touches it.
-        let naive_max = self.slot.naive_max_seq.load(Ordering::Relaxed);
+        let naive_max = self.slot.naive_max_seq.highest();
         let mut steps = 0;
         let held = &mut self.held;
         reg.walk_log(cursor, end, |o| {
@@ -213,9 +212,7 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
                 }
             };
             if self.reg.faults.naive_cursor() {
-                // Relaxed: only the BUSY owner touches it.
-                let m = self.slot.naive_max_seq.load(Ordering::Relaxed).max(seg.seq);
-                self.slot.naive_max_seq.store(m, Ordering::Relaxed);
+                self.slot.naive_max_seq.saw(seg.seq);
             }
             self.report.registered.push(seg);
             let mut owns = true;

@@ -30,8 +30,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         let me = unsafe { &*node };
         if self.faults.naive_cursor() {
             // Negative control: seq taken before the segment is visible.
-            // Relaxed: the naive counter orders nothing (that is the bug).
-            me.set_seq(self.naive_seq.fetch_add(1, Ordering::Relaxed) + 1);
+            me.set_seq(self.naive_seq.next());
         }
         let me_ref = NodeRef::from_ptr(node);
 
