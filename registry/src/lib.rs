@@ -42,6 +42,7 @@
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
+mod agreement;
 mod comm_state;
 mod counters;
 mod error;
@@ -55,6 +56,7 @@ mod results;
 mod state;
 mod sync;
 
+pub use agreement::{Digest, DigestRange};
 pub use error::{CommError, PassError, TrackError, UntrackError, WindowLookupError};
 #[cfg(feature = "test-support")]
 pub use faults::Faults;
