@@ -82,20 +82,8 @@ pub enum PassError<E> {
     /// nothing was registered, the segments stay pending, and the comm is
     /// healthy. Free or allocate so that every rank has the same pending
     /// segments, then run the pass again on every rank.
-    #[error(
-        "{comm}: the ranks disagree on what to register, so nothing was: this rank has \
-         {} pending segments ({} bytes) at checked pass {}; the group has {group}{}",
-        local.segments, local.bytes, local.passes,
-        if local.abstain != 0 { " (this rank abstained)" } else { "" }
-    )]
-    Diverged {
-        /// The comm.
-        comm: CommId,
-        /// This rank's digest.
-        local: Digest,
-        /// The group's range.
-        group: DigestRange,
-    },
+    #[error("{0}")]
+    Diverged(Box<Divergence>),
     /// A checked pass's agreement failed (for instance it timed out):
     /// nothing was registered and the segments stay pending.
     #[error("{comm}: the agreement before registering failed")]
@@ -147,4 +135,23 @@ pub enum WindowLookupError {
         /// The segment.
         segment: Segment,
     },
+}
+
+/// What a [`PassError::Diverged`] pass found: this rank's digest and the
+/// group's range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{comm}: the ranks disagree on what to register, so nothing was: this rank has {} \
+     pending segments ({} bytes) at checked pass {}{}; the group has {group}; free or \
+     allocate so that every rank has the same segments, then register again on every rank",
+    local.segments, local.bytes, local.passes,
+    if local.abstain != 0 { " and abstained" } else { "" }
+)]
+pub struct Divergence {
+    /// The comm.
+    pub comm: CommId,
+    /// This rank's digest.
+    pub local: Digest,
+    /// The group's range.
+    pub group: DigestRange,
 }

@@ -57,7 +57,7 @@ mod state;
 mod sync;
 
 pub use agreement::{Digest, DigestRange};
-pub use error::{CommError, PassError, TrackError, UntrackError, WindowLookupError};
+pub use error::{CommError, Divergence, PassError, TrackError, UntrackError, WindowLookupError};
 #[cfg(feature = "test-support")]
 pub use faults::Faults;
 pub use index::{AddressIndex, NodeRef, SkipIndex};

@@ -113,11 +113,11 @@ fn checked_pass_diverged_registers_nothing_and_the_next_matching_pass_does() {
             window,
         )
         .unwrap_err();
-    let PassError::Diverged { local, group, .. } = failure.error else {
+    let PassError::Diverged(d) = failure.error else {
         panic!("expected Diverged, got {:?}", failure.error)
     };
     assert_eq!(
-        (local.segments, group.min.segments, group.max.segments),
+        (d.local.segments, d.group.min.segments, d.group.max.segments),
         (1, 1, 2)
     );
     assert!(failure.report.registered.is_empty());
@@ -128,7 +128,7 @@ fn checked_pass_diverged_registers_nothing_and_the_next_matching_pass_does() {
         "a diverged pass changes nothing but the pass count"
     );
     assert_eq!(reg.pending(comm), Ok(1));
-    let msg = PassError::<&str>::Diverged { comm, local, group }.to_string();
+    let msg = d.to_string();
     assert!(
         msg.contains("this rank has 1 pending segments") && msg.contains("1 to 2 segments"),
         "{msg}"
@@ -163,10 +163,8 @@ fn checked_pass_a_skipped_pass_costs_one_diverged_then_counts_match() {
             window,
         )
         .unwrap_err();
-    assert!(
-        matches!(failure.error, PassError::Diverged { local, group, .. }
-        if local.passes == 1 && group.max.passes == 2)
-    );
+    assert!(matches!(failure.error, PassError::Diverged(d)
+        if d.local.passes == 1 && d.group.max.passes == 2));
     // Every rank adopted the maximum: the next pass is number 3 everywhere.
     let report = reg
         .register_pending_checked(
@@ -262,7 +260,7 @@ fn checked_pass_ranks_on_threads_diverge_together_then_recover() {
                 let agree = |_: &&str, d: &Digest| Ok::<_, &str>(group.agree(d));
                 let first = reg.register_pending_checked(comm, agree, window);
                 let diverged =
-                    matches!(first, Err(ref f) if matches!(f.error, PassError::Diverged { .. }));
+                    matches!(first, Err(ref f) if matches!(f.error, PassError::Diverged(_)));
                 if let Some(e) = extra {
                     let gone = reg.untrack(e.addr).unwrap();
                     assert!(gone.windows.is_empty(), "the extra was never registered");
@@ -270,7 +268,7 @@ fn checked_pass_ranks_on_threads_diverge_together_then_recover() {
                 let second = reg.register_pending_checked(comm, agree, window).unwrap();
                 // One rank abstains: both fail fast.
                 let third = if rank == 0 {
-                    reg.abstain_checked(comm, agree)
+                    reg.abstain_checked(comm, agree).error
                 } else {
                     reg.track(seg_addr(2), MB2).unwrap();
                     reg.register_pending_checked(comm, agree, window)
@@ -280,7 +278,7 @@ fn checked_pass_ranks_on_threads_diverge_together_then_recover() {
                 (
                     diverged,
                     second.registered.len(),
-                    matches!(third, PassError::Diverged { group, .. } if group.max.abstain == 1),
+                    matches!(third, PassError::Diverged(d) if d.group.max.abstain == 1),
                     reg.pending(comm),
                 )
             })

@@ -5,7 +5,7 @@
 use super::pass::{take_busy, PassRun};
 use super::Registry;
 use crate::agreement::{Digest, DigestRange};
-use crate::error::PassError;
+use crate::error::{Divergence, PassError};
 use crate::index::AddressIndex;
 use crate::results::{PassFailure, PassReport, PassResult};
 use crate::{CommId, Segment};
@@ -62,7 +62,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
     ///         |_, s| Ok(Some(s.seq)),
     ///     )
     ///     .unwrap_err();
-    /// assert!(matches!(failure.error, PassError::Diverged { .. }));
+    /// assert!(matches!(failure.error, PassError::Diverged(_)));
     /// assert_eq!(reg.pending(comm), Ok(1));
     /// # }
     /// ```
@@ -83,14 +83,16 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
     /// `abstain` is 1), for a rank that cannot or will not register now
     /// (its comm failed, or its caller's region raised): every rank's pass
     /// then ends with [`PassError::Diverged`] instead of waiting for this
-    /// one. Returns that error (or `Agreement`, or a local `Comm` error as
-    /// [`register_pending_checked`](Self::register_pending_checked) does).
-    pub fn abstain_checked<E, A>(&self, comm: CommId, agree: A) -> PassError<E>
+    /// one. Returns that failure (or `Agreement`, or a local `Comm` error
+    /// as [`register_pending_checked`](Self::register_pending_checked)
+    /// does), whose report must be acted on like any pass's: it hands back
+    /// what an earlier panicking pass on the comm parked.
+    pub fn abstain_checked<E, A>(&self, comm: CommId, agree: A) -> PassFailure<'_, W, E>
     where
         A: FnOnce(&C, &Digest) -> Result<DigestRange, E>,
     {
         match self.checked(comm, true, agree) {
-            Err(f) => f.error,
+            Err(f) => f,
             // `checked` lets an abstaining pass go on in no case.
             Ok(_) => unreachable!("an abstaining pass never registers"),
         }
@@ -127,7 +129,11 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         if group.agrees() && !abstain {
             Ok(run)
         } else {
-            Err(run.stop(PassError::Diverged { comm, local, group }))
+            Err(run.stop(PassError::Diverged(Box::new(Divergence {
+                comm,
+                local,
+                group,
+            }))))
         }
     }
 }
