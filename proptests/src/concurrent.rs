@@ -400,6 +400,10 @@ impl<'a, I: AddressIndex> Recorder<'a, I> {
                                 PassEnd::Callback(segment, error)
                             }
                             PassError::Forgotten(c) => PassEnd::Forgotten(c),
+                            // These histories run unchecked passes only.
+                            PassError::Diverged(_) | PassError::Agreement { .. } => {
+                                unreachable!("an unchecked pass never diverges")
+                            }
                         };
                         (f.report, end)
                     }

@@ -426,6 +426,8 @@ fn apply(st: &LinState, obs: &Obs) -> Option<LinState> {
                 Some(StopReason::Forgotten) => PassEnd::Forgotten(*comm),
                 Some(StopReason::Callback(s, e)) => PassEnd::Callback(s, e),
                 Some(StopReason::Panicked(_)) => PassEnd::Panicked,
+                // The checker's histories run unchecked passes only.
+                Some(StopReason::Unagreed) => return None,
             };
             if want != *end
                 || p.report.registered != *registered

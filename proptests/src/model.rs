@@ -88,6 +88,8 @@ pub enum StopReason {
     Forgotten,
     /// The callback panicked on this segment.
     Panicked(Segment),
+    /// A checked pass's agreement stopped it before any callback.
+    Unagreed,
 }
 
 /// The report a pass builds up.
@@ -120,6 +122,8 @@ pub struct CommModel {
     pub orphans: (Vec<(Segment, CommId, Window)>, Vec<Segment>),
     /// The running pass, if any.
     pub pass: Option<PassModel>,
+    /// Checked passes taken part in (the digest's `passes`).
+    pub checked_passes: u64,
 }
 
 /// The registry's log of nodes, for exact node counts.
@@ -509,6 +513,7 @@ impl Model {
                 cursor: 0,
                 orphans: (Vec::new(), Vec::new()),
                 pass: None,
+                checked_passes: 0,
             },
         );
         id
@@ -872,6 +877,11 @@ impl Model {
             }
             None => false,
         }
+    }
+
+    /// A checked pass that may not register: it stops before any callback.
+    pub fn pass_stop_unagreed(&mut self, id: CommId) {
+        self.pass_mut(id).stopped = Some(StopReason::Unagreed);
     }
 
     /// All finish steps at once (the sequential machine's way).

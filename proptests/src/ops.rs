@@ -12,8 +12,8 @@ use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use segment_registry::{
-    CommError, CommId, CommStats, Faults, Hold, NodeCounts, PassError, Registry, Segment, Stats,
-    TrackError, UntrackError, Untracked, WindowLookupError,
+    CommError, CommId, CommStats, Digest, DigestRange, Divergence, Faults, Hold, NodeCounts,
+    PassError, Registry, Segment, Stats, TrackError, UntrackError, Untracked, WindowLookupError,
 };
 
 use crate::model::{AddOutcome, CbResult, Model, NextStep, Payload, UntrackOut, Window, WindowAt};
@@ -58,6 +58,14 @@ pub enum Op {
     Pending {
         /// The comm.
         comm: CommId,
+    },
+    /// `register_pending_checked(comm, …)` (or `abstain_checked`) with
+    /// simulated peers; every callback returns a window.
+    Checked {
+        /// The comm.
+        comm: CommId,
+        /// What the peers answer.
+        peers: Peers,
     },
     /// `register_pending(comm, …)` running `script`.
     Pass {
@@ -165,6 +173,48 @@ pub enum PassEnd {
     Forgotten(CommId),
     /// The callback panicked (the report is lost with the panic).
     Panicked,
+    /// A checked pass's ranks disagreed: nothing registered.
+    Diverged(Divergence),
+    /// A checked pass's agreement failed with this code.
+    Agreement(u32),
+}
+
+/// What the simulated peers of a checked pass ([`Op::Checked`]) answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Peers {
+    /// They have the same digest: the pass registers.
+    Match,
+    /// One has one more segment (of 2 MiB) pending.
+    OneMore,
+    /// One is a checked pass ahead (this rank skipped one).
+    Ahead,
+    /// This rank abstains (`abstain_checked`).
+    Abstain,
+    /// The agreement fails (a timeout, say) with this code.
+    Fail(u32),
+}
+
+impl Peers {
+    /// The group's range, given this rank's digest.
+    pub fn range(self, local: &Digest) -> DigestRange {
+        let peer = match self {
+            Peers::OneMore => Digest {
+                segments: local.segments + 1,
+                bytes: local.bytes.wrapping_add(GRANULE as u64),
+                ..*local
+            },
+            Peers::Ahead => Digest {
+                passes: local.passes + 1,
+                ..*local
+            },
+            Peers::Match | Peers::Abstain | Peers::Fail(_) => *local,
+        };
+        let mut r = local.reduction_input();
+        for (x, y) in r.iter_mut().zip(peer.reduction_input()) {
+            *x = (*x).max(y);
+        }
+        Digest::range_from_reduced(r)
+    }
 }
 
 /// What a pass returned, in comparable form.
@@ -226,6 +276,9 @@ pub enum Outcome {
     Pending(Result<usize, CommError>),
     /// `register_pending`.
     Pass(Box<PassOut>),
+    /// A checked pass: the digest its agreement was given (none if it
+    /// failed before), and the pass.
+    Checked(Option<Digest>, Box<PassOut>),
     /// `register_pending_all`.
     PassAll(Vec<PassOut>),
     /// `window_of`.
@@ -277,6 +330,7 @@ pub fn run_model(m: &mut Model, op: &Op, next_window: &Cell<Window>) -> Outcome 
         Op::Pass { comm, ref script } => {
             Outcome::Pass(Box::new(model_pass(m, comm, script, next_window)))
         }
+        Op::Checked { comm, peers } => model_checked(m, comm, peers, next_window),
         Op::PassAll { fail, no_window } => Outcome::PassAll(
             m.attached()
                 .into_iter()
@@ -322,6 +376,55 @@ pub fn model_pass(
         out.end = PassEnd::Comm(e);
         return out;
     }
+    model_pass_begun(m, comm, script, next_window, out)
+}
+
+/// A checked pass on the model: the digest of the set `pass_begin` fixed,
+/// the peers' range, then either the pass (all callbacks return a window)
+/// or a stop before any callback.
+fn model_checked(m: &mut Model, comm: CommId, peers: Peers, next_window: &Cell<Window>) -> Outcome {
+    let mut out = PassOut::new(comm);
+    if let Err(e) = m.pass_begin(comm) {
+        out.end = PassEnd::Comm(e);
+        return Outcome::Checked(None, Box::new(out));
+    }
+    let set = m.pass(comm).expect("begun").set.clone();
+    let c = m.comms.get_mut(&comm).expect("attached");
+    let mut local = Digest::of_set(c.checked_passes + 1, &set);
+    local.abstain = u64::from(peers == Peers::Abstain);
+    let group = peers.range(&local);
+    let end =
+        match peers {
+            Peers::Fail(code) => Some(PassEnd::Agreement(code)),
+            _ => {
+                c.checked_passes = group.max.passes;
+                (!group.agrees() || peers == Peers::Abstain)
+                    .then_some(PassEnd::Diverged(Divergence { comm, local, group }))
+            }
+        };
+    let Some(end) = end else {
+        let out = model_pass_begun(m, comm, &PassScript::default(), next_window, out);
+        return Outcome::Checked(Some(local), Box::new(out));
+    };
+    m.pass_stop_unagreed(comm);
+    let p = m.pass_finish(comm);
+    out.free_now = p.report.free_now;
+    for h in &p.report.handed_back {
+        out.releases.push((h.0, m.release(h.0.seq)));
+    }
+    out.handed_back = p.report.handed_back;
+    out.end = end;
+    Outcome::Checked(Some(local), Box::new(out))
+}
+
+/// The rest of [`model_pass`], once `pass_begin` succeeded.
+fn model_pass_begun(
+    m: &mut Model,
+    comm: CommId,
+    script: &PassScript,
+    next_window: &Cell<Window>,
+    mut out: PassOut,
+) -> PassOut {
     let mut kept: Vec<u64> = Vec::new();
     let mut k = 0;
     while let NextStep::Call(seg) = m.pass_next(comm) {
@@ -342,6 +445,7 @@ pub fn model_pass(
         Some(crate::model::StopReason::Forgotten) => PassEnd::Forgotten(comm),
         Some(crate::model::StopReason::Callback(s, e)) => PassEnd::Callback(s, e),
         Some(crate::model::StopReason::Panicked(_)) => PassEnd::Panicked,
+        Some(crate::model::StopReason::Unagreed) => unreachable!("only model_checked stops so"),
     };
     let report = p.report;
     if out.end == PassEnd::Panicked {
@@ -576,6 +680,7 @@ impl Sut {
             Op::Forget { comm } => Outcome::Forget(self.forget(comm)),
             Op::Pending { comm } => Outcome::Pending(self.reg.pending(comm)),
             Op::Pass { comm, ref script } => Outcome::Pass(Box::new(self.pass(comm, script, 0))),
+            Op::Checked { comm, peers } => self.checked(comm, peers),
             Op::PassAll { fail, no_window } => {
                 let order = self.reg.comms();
                 let calls = RefCell::new(Vec::<(CommId, Segment)>::new());
@@ -650,6 +755,33 @@ impl Sut {
         }
     }
 
+    fn checked(&self, comm: CommId, peers: Peers) -> Outcome {
+        let mut out = PassOut::new(comm);
+        let seen = Cell::new(None);
+        let agree = |_: &Payload, d: &Digest| {
+            seen.set(Some(*d));
+            match peers {
+                Peers::Fail(code) => Err(CbError(code)),
+                _ => Ok(peers.range(d)),
+            }
+        };
+        let r = if peers == Peers::Abstain {
+            Err(self.reg.abstain_checked(comm, agree))
+        } else {
+            let mut k = 0;
+            self.reg.register_pending_checked(comm, agree, |_, seg| {
+                out.called.push(*seg);
+                let r = self.callback_result(&PassScript::default(), k);
+                k += 1;
+                r
+            })
+        };
+        for (seg, h) in self.pass_result(&mut out, r, false) {
+            out.releases.push((seg, self.release(seg, h)));
+        }
+        Outcome::Checked(seen.get(), Box::new(out))
+    }
+
     fn pass(&self, comm: CommId, script: &PassScript, depth: usize) -> PassOut {
         let mut out = PassOut::new(comm);
         let mut kept: Vec<(Segment, Hold<'_, Window>)> = Vec::new();
@@ -718,6 +850,8 @@ impl Sut {
                     PassError::Comm(e) => PassEnd::Comm(e),
                     PassError::Callback { segment, error } => PassEnd::Callback(segment, error.0),
                     PassError::Forgotten(c) => PassEnd::Forgotten(c),
+                    PassError::Diverged(d) => PassEnd::Diverged(*d),
+                    PassError::Agreement { error, .. } => PassEnd::Agreement(error.0),
                 };
                 f.report
             }

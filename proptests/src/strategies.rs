@@ -10,7 +10,7 @@ use proptest::strategy::{BoxedStrategy, Union};
 use segment_registry::{CommId, Segment};
 
 use crate::model::Model;
-use crate::ops::{Nested, Op, PassScript, GRANULE};
+use crate::ops::{Nested, Op, PassScript, Peers, GRANULE};
 
 /// Slots of generated segments: addresses `slot * GRANULE`.
 pub const SLOTS: usize = 12;
@@ -149,6 +149,21 @@ pub fn op(m: &Model, panic_after_forget: bool) -> BoxedStrategy<Op> {
         (1, comm(m).prop_map(|comm| Op::Forget { comm }).boxed()),
         (1, comm(m).prop_map(|comm| Op::Pending { comm }).boxed()),
         (6, pass),
+        (
+            3,
+            (
+                comm(m),
+                prop_oneof![
+                    4 => Just(Peers::Match),
+                    2 => Just(Peers::OneMore),
+                    1 => Just(Peers::Ahead),
+                    1 => Just(Peers::Abstain),
+                    1 => (1..4u32).prop_map(Peers::Fail),
+                ],
+            )
+                .prop_map(|(comm, peers)| Op::Checked { comm, peers })
+                .boxed(),
+        ),
         (
             2,
             (

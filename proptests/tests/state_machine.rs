@@ -69,6 +69,9 @@ fn generated_cases_reach_every_outcome() {
             PassEnd::Callback(..) => hit("pass callback error"),
             PassEnd::Forgotten(_) => hit("pass forgotten"),
             PassEnd::Panicked => hit("pass panicked"),
+            PassEnd::Diverged(d) if d.local.abstain != 0 => hit("checked pass abstained"),
+            PassEnd::Diverged(_) => hit("checked pass diverged"),
+            PassEnd::Agreement(_) => hit("checked pass agreement failed"),
         }
         if !p.handed_back.is_empty() {
             hit("pass handed back");
@@ -118,6 +121,12 @@ fn generated_cases_reach_every_outcome() {
                 Outcome::Forget(Err(_)) => hit("forget refused"),
                 Outcome::Pending(Ok(n)) if *n > 0 => hit("pending > 0"),
                 Outcome::Pass(p) => count_pass(p, &mut seen),
+                Outcome::Checked(Some(_), p) => {
+                    if p.end == PassEnd::Ok && !p.registered.is_empty() {
+                        hit("checked pass registered");
+                    }
+                    count_pass(p, &mut seen)
+                }
                 Outcome::PassAll(ps) if ps.len() > 1 => hit("pass all, several comms"),
                 Outcome::Drain(us) if !us.is_empty() => hit("drain"),
                 Outcome::WindowOf(Ok(_)) => hit("window_of found"),
@@ -154,6 +163,10 @@ fn generated_cases_reach_every_outcome() {
         "pass callback error",
         "pass forgotten",
         "pass panicked",
+        "checked pass registered",
+        "checked pass diverged",
+        "checked pass abstained",
+        "checked pass agreement failed",
         "pass handed back",
         "pass free_now",
         "hold released last after pass",

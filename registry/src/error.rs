@@ -2,7 +2,7 @@
 //! registry when it returns an error (except a pass, which keeps what it
 //! registered before the failure, as documented on it).
 
-use crate::{CommId, Segment};
+use crate::{CommId, Digest, DigestRange, Segment};
 
 /// Why [`Registry::track`](crate::Registry::track) refused a segment.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +78,22 @@ pub enum PassError<E> {
     /// The comm was forgotten while the pass ran; the pass stopped early.
     #[error("{0} was forgotten while its pass ran")]
     Forgotten(CommId),
+    /// A checked pass found that the ranks disagree (or one abstained):
+    /// nothing was registered, the segments stay pending, and the comm is
+    /// healthy. Free or allocate so that every rank has the same pending
+    /// segments, then run the pass again on every rank.
+    #[error("{0}")]
+    Diverged(Box<Divergence>),
+    /// A checked pass's agreement failed (for instance it timed out):
+    /// nothing was registered and the segments stay pending.
+    #[error("{comm}: the agreement before registering failed")]
+    Agreement {
+        /// The comm.
+        comm: CommId,
+        /// The agreement's error.
+        #[source]
+        error: E,
+    },
 }
 
 /// Why [`Registry::window_of`](crate::Registry::window_of) found no window.
@@ -119,4 +135,23 @@ pub enum WindowLookupError {
         /// The segment.
         segment: Segment,
     },
+}
+
+/// What a [`PassError::Diverged`] pass found: this rank's digest and the
+/// group's range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{comm}: the ranks disagree on what to register, so nothing was: this rank has {} \
+     pending segments ({} bytes) at checked pass {}{}; the group has {group}; free or \
+     allocate so that every rank has the same segments, then register again on every rank",
+    local.segments, local.bytes, local.passes,
+    if local.abstain != 0 { " and abstained" } else { "" }
+)]
+pub struct Divergence {
+    /// The comm.
+    pub comm: CommId,
+    /// This rank's digest.
+    pub local: Digest,
+    /// The group's range.
+    pub group: DigestRange,
 }

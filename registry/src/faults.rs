@@ -47,6 +47,10 @@ pub struct Faults {
     /// holds (a count of dead sharers included) instead of adding itself: a
     /// late withdrawal of a sharer then empties the slot of a live segment.
     pub page_overwrite: bool,
+    /// A checked pass computes its digest from a second walk of the log
+    /// instead of from the set it holds: a racing untrack or track makes
+    /// the digest describe another set than the one the pass registers.
+    pub digest_from_second_walk: bool,
 }
 
 #[cfg(feature = "test-support")]
@@ -62,6 +66,7 @@ impl Faults {
         late_page_publish: false,
         skip_page_withdraw: false,
         page_overwrite: false,
+        digest_from_second_walk: false,
     };
 }
 
@@ -136,6 +141,14 @@ impl Switches {
     pub(crate) fn page_overwrite(&self) -> bool {
         #[cfg(feature = "test-support")]
         return self.0.page_overwrite;
+        #[cfg(not(feature = "test-support"))]
+        false
+    }
+
+    #[inline(always)]
+    pub(crate) fn digest_from_second_walk(&self) -> bool {
+        #[cfg(feature = "test-support")]
+        return self.0.digest_from_second_walk;
         #[cfg(not(feature = "test-support"))]
         false
     }

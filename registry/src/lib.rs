@@ -42,6 +42,7 @@
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
 
+mod agreement;
 mod comm_state;
 mod counters;
 mod error;
@@ -55,7 +56,8 @@ mod results;
 mod state;
 mod sync;
 
-pub use error::{CommError, PassError, TrackError, UntrackError, WindowLookupError};
+pub use agreement::{Digest, DigestRange};
+pub use error::{CommError, Divergence, PassError, TrackError, UntrackError, WindowLookupError};
 #[cfg(feature = "test-support")]
 pub use faults::Faults;
 pub use index::{AddressIndex, NodeRef, SkipIndex};

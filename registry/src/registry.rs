@@ -14,6 +14,7 @@ use crate::state::State;
 use crate::sync::{Arc, AtomicPtr, AtomicU64, Ordering, Reclaimer, RwLock};
 use crate::CommId;
 
+mod checked;
 mod comms;
 mod log;
 mod lookup;

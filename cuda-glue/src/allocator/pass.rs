@@ -138,6 +138,10 @@ impl<B: Backend> Allocator<B> {
             RegPassError::Comm(CommError::NotAttached(c)) | RegPassError::Forgotten(c) => {
                 RegisterError::NotAttached(c)
             }
+            // The allocator runs unchecked passes only (so far).
+            RegPassError::Diverged(_) | RegPassError::Agreement { .. } => {
+                unreachable!("an unchecked pass never diverges")
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use crate::faults::NaiveSeq;
 use crate::index::AddressIndex;
 use crate::node::Node;
 use crate::results::{release_hold, Forgotten, HandBack, Hold};
-use crate::sync::{fence, uninstrumented, Arc, AtomicPtr, Ordering};
+use crate::sync::{fence, uninstrumented, Arc, AtomicPtr, AtomicU64, Ordering};
 use crate::{CommId, Segment};
 
 /// One attached comm.
@@ -27,6 +27,9 @@ pub(super) struct CommSlot<C, W> {
     pub(super) cursor: AtomicPtr<Node<W>>,
     /// The naive negative control's "highest seq seen" (test-support only).
     pub(super) naive_max_seq: NaiveSeq,
+    /// The checked passes this comm has taken part in (the digest's
+    /// `passes`). Written only by the BUSY owner.
+    pub(super) checked_passes: AtomicU64,
     /// What a pass whose callback panicked could not report: handed to the
     /// next pass on this comm, or to `forget`. A std mutex, touched only on
     /// that path, by the BUSY owner or by forget.
@@ -98,6 +101,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             state: Arc::new(CommState::new()),
             cursor: AtomicPtr::new(self.head),
             naive_max_seq: NaiveSeq::default(),
+            checked_passes: AtomicU64::new(0),
             orphans: std::sync::Mutex::new(Orphans {
                 handed_back: Vec::new(),
                 free_now: Vec::new(),

@@ -1,18 +1,20 @@
 //! Registration passes: the entry points (P0) and a running pass (steps
 //! P1–P4 and finish of DESIGN.md).
 
+use std::collections::BTreeMap;
 use std::mem::ManuallyDrop;
 use std::ptr;
 
 use super::comms::{lock, unpin_watermark, CommSlot};
 use super::Registry;
+use crate::agreement::Digest;
 use crate::comm_state::FORGOTTEN;
 use crate::error::{CommError, PassError};
 use crate::index::AddressIndex;
 use crate::node::Node;
 use crate::records::Records;
 use crate::results::{release_hold, HandBack, Hold, PassFailure, PassReport, PassResult};
-use crate::sync::{fence, uninstrumented, Ordering};
+use crate::sync::{fence, uninstrumented, Arc, Ordering};
 use crate::{CommId, Segment};
 
 impl<C, W, I: AddressIndex> Registry<C, W, I> {
@@ -49,21 +51,12 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             report: PassReport::new(comm),
         };
         let comms = self.comms.read().unwrap();
-        let slot = comms
-            .get(&comm)
-            .ok_or_else(|| fail(CommError::NotAttached(comm)))?;
-        if let Err(s) = slot.state.try_begin_pass() {
-            return Err(fail(if s & FORGOTTEN != 0 {
-                CommError::NotAttached(comm)
-            } else {
-                CommError::Busy(comm)
-            }));
-        }
+        let slot = take_busy(&comms, comm).map_err(fail)?;
         // Step P0: nothing pending and nothing parked, decided in O(1) with
         // no epoch pin. The read lock keeps `forget` from removing the slot
         // (so FORGOTTEN cannot be set while we are BUSY here).
         // Acquire: pairs with the Release store made after parking.
-        if !slot.has_orphans.load(std::sync::atomic::Ordering::Acquire) {
+        if !slot.has_orphans.load(uninstrumented::Ordering::Acquire) {
             // Acquire: see the cursor node the last pass published.
             let cursor = slot.cursor.load(Ordering::Acquire);
             // SAFETY: the cursor node is pinned by this comm, so never
@@ -76,7 +69,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         // Callbacks may attach or forget comms: no lock across them.
         let slot = slot.clone();
         drop(comms);
-        PassRun::start(self, &slot).run(register)
+        PassRun::start(self, slot).run(register)
     }
 
     /// Runs a pass for every attached comm, in attach order, with
@@ -93,12 +86,30 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
     }
 }
 
+/// Step P0's first half: finds the comm's slot and takes its `BUSY`.
+pub(super) fn take_busy<C, W>(
+    comms: &BTreeMap<CommId, Arc<CommSlot<C, W>>>,
+    comm: CommId,
+) -> Result<&Arc<CommSlot<C, W>>, CommError> {
+    let slot = comms.get(&comm).ok_or(CommError::NotAttached(comm))?;
+    slot.state.try_begin_pass().map_err(|s| {
+        if s & FORGOTTEN != 0 {
+            CommError::NotAttached(comm)
+        } else {
+            CommError::Busy(comm)
+        }
+    })?;
+    Ok(slot)
+}
+
 /// One running pass. Its `Drop` restores the invariants if the callback
 /// panics: the watermark moves past what was done, every remaining hold is
 /// released, and the comm is no longer busy.
-pub(super) struct PassRun<'a, 'r, C, W, I: AddressIndex> {
+pub(super) struct PassRun<'r, C, W, I: AddressIndex> {
     reg: &'r Registry<C, W, I>,
-    slot: &'a CommSlot<C, W>,
+    /// The comm's slot, kept alive by the pass (callbacks may forget the
+    /// comm, which removes it from the table).
+    slot: Arc<CommSlot<C, W>>,
     /// The pass's set, in seq order, each node held.
     held: Vec<*const Node<W>>,
     /// Index in `held` of the next node to register.
@@ -127,10 +138,11 @@ enum Ending {
     CallbackPanicked,
 }
 
-impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
+impl<'r, C, W, I: AddressIndex> PassRun<'r, C, W, I> {
     /// A pass on `slot`, whose BUSY the caller holds: takes what an earlier
     /// panicking pass parked, then fixes the set (P1–P3).
-    pub(super) fn start(reg: &'r Registry<C, W, I>, slot: &'a CommSlot<C, W>) -> Self {
+    pub(super) fn start(reg: &'r Registry<C, W, I>, slot: Arc<CommSlot<C, W>>) -> Self {
+        let report = PassReport::new(slot.id);
         let mut run = PassRun {
             reg,
             slot,
@@ -139,10 +151,10 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
             last_done: None,
             owns_last: false,
             end: ptr::null(),
-            report: PassReport::new(slot.id),
+            report,
             finished: false,
         };
-        (run.report.handed_back, run.report.free_now) = slot.take_orphans(&reg.counters);
+        (run.report.handed_back, run.report.free_now) = run.slot.take_orphans(&reg.counters);
         run.begin();
         run
     }
@@ -186,6 +198,60 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
             .pass_steps
             .fetch_add(steps, uninstrumented::Ordering::Relaxed);
         drop(guard);
+    }
+
+    /// The comm's payload.
+    pub(super) fn payload(&self) -> &C {
+        &self.slot.payload
+    }
+
+    /// The checked passes the comm has taken part in.
+    pub(super) fn checked_passes(&self) -> u64 {
+        // Relaxed: only the BUSY owner (this pass) reads and writes it.
+        self.slot.checked_passes.load(Ordering::Relaxed)
+    }
+
+    /// After an agreement: the count every rank adopts.
+    pub(super) fn set_checked_passes(&self, n: u64) {
+        // Relaxed: as above.
+        self.slot.checked_passes.store(n, Ordering::Relaxed);
+    }
+
+    /// The digest of the set fixed at P3 (a checked pass's), as checked
+    /// pass number `passes`.
+    pub(super) fn digest(&self, passes: u64, abstain: bool) -> Digest {
+        let mut d = if self.reg.faults.digest_from_second_walk() {
+            self.digest_of_a_second_walk(passes)
+        } else {
+            let set: Vec<Segment> = self
+                .held
+                .iter()
+                // SAFETY: held, so never unlinked or freed.
+                .map(|&o| unsafe { &*o }.segment())
+                .collect();
+            Digest::of_set(passes, &set)
+        };
+        d.abstain = u64::from(abstain);
+        d
+    }
+
+    /// The `digest_from_second_walk` negative control: the digest of the
+    /// committed nodes of (cursor, end] as a second walk finds them, which
+    /// is not the set the pass holds when an untrack or a track races it.
+    fn digest_of_a_second_walk(&self, passes: u64) -> Digest {
+        if self.end.is_null() {
+            return Digest::of_set(passes, &[]);
+        }
+        let _guard = self.reg.reclaimer.guard();
+        // Acquire: see the cursor node the last pass published.
+        let cursor = self.slot.cursor.load(Ordering::Acquire);
+        let mut set = Vec::new();
+        self.reg.walk_log(cursor, self.end, |o| {
+            if o.load_state().phase() == crate::state::Phase::Live {
+                set.push(o.segment());
+            }
+        });
+        Digest::of_set(passes, &set)
     }
 
     /// Step P4: the callbacks, with no guard and no lock held.
@@ -278,7 +344,7 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
         }
     }
 
-    fn stop<E>(&mut self, error: PassError<E>) -> PassFailure<'r, W, E> {
+    pub(super) fn stop<E>(&mut self, error: PassError<E>) -> PassFailure<'r, W, E> {
         self.finish(Ending::Stopped);
         PassFailure {
             error,
@@ -347,7 +413,7 @@ impl<'a, 'r, C, W, I: AddressIndex> PassRun<'a, 'r, C, W, I> {
     }
 }
 
-impl<C, W, I: AddressIndex> Drop for PassRun<'_, '_, C, W, I> {
+impl<C, W, I: AddressIndex> Drop for PassRun<'_, C, W, I> {
     fn drop(&mut self) {
         if self.finished {
             return;

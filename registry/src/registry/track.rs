@@ -35,36 +35,7 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         let me_ref = NodeRef::from_ptr(node);
 
         // Step T1: insert as Pending.
-        loop {
-            match self.index.insert(addr, me_ref) {
-                Ok(()) => break,
-                Err(other) => {
-                    // SAFETY: nodes reached through the index are protected
-                    // by the guard (DESIGN.md, "Who frees what").
-                    let o = unsafe { &*other.as_ptr::<Node<W>>() };
-                    match o.load_state().phase() {
-                        Phase::Dead | Phase::Rejected => {
-                            // A stale entry on its way out: help remove it.
-                            if self.index.remove(addr, other) {
-                                self.after_index_removal(o, &guard);
-                            }
-                        }
-                        _ => {
-                            // SAFETY: `node` was never shared.
-                            drop(unsafe { Box::from_raw(node) });
-                            self.counters.freed();
-                            self.counters.retired();
-                            return Err(TrackError::Overlap {
-                                addr,
-                                len,
-                                other_addr: o.addr,
-                                other_len: o.len,
-                            });
-                        }
-                    }
-                }
-            }
-        }
+        self.insert_pending(node, me_ref, &guard)?;
 
         // Step T2: the fence that makes two racing overlapping tracks see
         // each other (store-buffer pattern, DESIGN.md "Overlap").
@@ -106,6 +77,50 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
             self.publish_pages(me);
         }
         Ok(me.segment())
+    }
+
+    /// Step T1: inserts `node` (pending, never shared yet) in the index,
+    /// helping a dead or rejected entry at its address out first. On an
+    /// overlap with a pending or committed entry, frees `node` and fails.
+    fn insert_pending(
+        &self,
+        node: *mut Node<W>,
+        me_ref: NodeRef,
+        guard: &Guard,
+    ) -> Result<(), TrackError> {
+        // SAFETY: the caller's node, not shared yet.
+        let me = unsafe { &*node };
+        let (addr, len) = (me.addr, me.len);
+        loop {
+            match self.index.insert(addr, me_ref) {
+                Ok(()) => return Ok(()),
+                Err(other) => {
+                    // SAFETY: nodes reached through the index are protected
+                    // by the guard (DESIGN.md, "Who frees what").
+                    let o = unsafe { &*other.as_ptr::<Node<W>>() };
+                    match o.load_state().phase() {
+                        Phase::Dead | Phase::Rejected => {
+                            // A stale entry on its way out: help remove it.
+                            if self.index.remove(addr, other) {
+                                self.after_index_removal(o, guard);
+                            }
+                        }
+                        _ => {
+                            // SAFETY: `node` was never shared.
+                            drop(unsafe { Box::from_raw(node) });
+                            self.counters.freed();
+                            self.counters.retired();
+                            return Err(TrackError::Overlap {
+                                addr,
+                                len,
+                                other_addr: o.addr,
+                                other_len: o.len,
+                            });
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Step T4a: publishes a committed node in the page map.
