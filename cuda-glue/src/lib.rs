@@ -55,8 +55,9 @@ mod stats;
 mod util;
 
 pub use allocator::{
-    Allocator, AllocatorStats, CommInfo, CommState, DetachReport, FreeReport, PassSummary,
-    WindowError,
+    deadline_from_env, AbortHook, Allocator, AllocatorStats, AttachOptions, CommInfo, CommOwner,
+    CommState, DetachReport, FreeReport, PassSummary, TestFaults, WindowError, DEADLINE_ENV,
+    DEFAULT_DEADLINE,
 };
 pub use backend::{
     AtDeadline, Backend, BackendError, CommProgress, DeadlineAction, RawComm, Wait, Window,
@@ -64,4 +65,6 @@ pub use backend::{
     NCCL_WIN_COLL_SYMMETRIC, WINDOW_ALIGN,
 };
 pub use error::{AllocError, AttachError, DetachError, FreeError, RegisterError};
-pub use segment_registry::{CommId, Segment, WindowLookupError, WindowRef};
+pub use segment_registry::{
+    CommId, Digest, DigestRange, Divergence, Segment, WindowLookupError, WindowRef,
+};

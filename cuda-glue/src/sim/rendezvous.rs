@@ -85,6 +85,29 @@ impl SimWorld {
         Ok(())
     }
 
+    /// Arms a skip: the next all-reduce made through this member's handle
+    /// returns at once with the member's own words, as if the member were
+    /// alone: a rank whose pass went ahead without its group's agreement
+    /// (it ran its pass outside the group, so it counts one pass more than
+    /// its peers). The peers' all-reduce it should have met waits for its
+    /// next one. Only [`SimOp::AllReduce`] can be skipped.
+    pub fn skip_next(&self, comm: RawComm, op: SimOp) -> Result<(), BackendError> {
+        if op != SimOp::AllReduce {
+            return Err(rejected("skip_next", format!("{op:?} cannot be skipped")));
+        }
+        let mut st = lock(&self.state);
+        let Some(&(id, idx)) = st.handles.get(&comm.0) else {
+            return Err(rejected(
+                "skip_next",
+                format!("{comm:?} is not a live comm"),
+            ));
+        };
+        if let Some(m) = st.member_mut(id, idx) {
+            m.skips.push(op);
+        }
+        Ok(())
+    }
+
     /// Ends every call the simulator holds waiting (stalled calls and
     /// rendezvous that cannot complete) with an error. A test's escape
     /// hatch, so that a failing variant ends instead of hanging; the
@@ -196,6 +219,10 @@ impl SimWorld {
         let call = op.call();
         let mut st = lock(&self.state);
         let (id, idx) = st.resolve(rank, comm, op)?;
+        if st.take_skip(id, idx, op) {
+            st.trace(rank, op, comm, 0, None, true);
+            return Ok(Outcome::Reduced(input));
+        }
         st.enter(id, idx, call);
         let stalled = st.take_stall(id, idx, op);
         let number = if stalled {
@@ -311,6 +338,20 @@ impl WorldState {
         match m.stalls.iter().position(|&s| s == op) {
             Some(i) => {
                 m.stalls.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Consumes an armed skip of `op` on the member, if any.
+    fn take_skip(&mut self, id: u64, idx: usize, op: SimOp) -> bool {
+        let Some(m) = self.member_mut(id, idx) else {
+            return false;
+        };
+        match m.skips.iter().position(|&s| s == op) {
+            Some(i) => {
+                m.skips.remove(i);
                 true
             }
             None => false,

@@ -88,6 +88,9 @@ pub(super) struct Member {
     /// Armed stalls: the member's next call of each op here never
     /// completes until the member is aborted.
     pub(super) stalls: Vec<SimOp>,
+    /// Armed skips: the member's next all-reduce returns its own input at
+    /// once, without meeting the others.
+    pub(super) skips: Vec<SimOp>,
 }
 
 impl Member {
@@ -100,6 +103,7 @@ impl Member {
             regs: Vec::new(),
             rendezvous: 0,
             stalls: Vec::new(),
+            skips: Vec::new(),
         }
     }
 }
