@@ -90,6 +90,7 @@ fn c_type(rust: &str) -> String {
         "*const c_char" => "const char*",
         "CudaStream" => "cudaStream_t",
         "*mut SegregStats" => "segreg_stats_t*",
+        "Option<SegregAbortFn>" => "segreg_abort_fn",
         other => panic!("no C spelling for Rust type {other:?}"),
     }
     .to_string()
@@ -221,7 +222,7 @@ fn header_return_codes_match_the_rust_constants() {
         })
         .collect();
     assert_eq!(header, rust);
-    assert_eq!(header.len(), 8, "{header:?}");
+    assert_eq!(header.len(), 15, "{header:?}");
     assert_eq!(header["SEGREG_OK"], segment_registry_nccl::capi::SEGREG_OK);
     assert_eq!(
         header["SEGREG_ERR_NO_WINDOW"],
@@ -259,17 +260,26 @@ int main(void) {
     int codes[] = {SEGREG_OK, SEGREG_ERR_INVALID, SEGREG_ERR_NOT_ATTACHED,
                    SEGREG_ERR_NOT_TRACKED, SEGREG_ERR_CROSSES_END,
                    SEGREG_ERR_NOT_REGISTERED, SEGREG_ERR_NO_WINDOW,
-                   SEGREG_ERR_INTERNAL};
+                   SEGREG_ERR_INTERNAL, SEGREG_ERR_DIVERGED, SEGREG_ERR_TIMEOUT,
+                   SEGREG_ERR_ABORTED, SEGREG_ERR_FAILED, SEGREG_ERR_BUSY,
+                   SEGREG_ERR_AGREEMENT, SEGREG_ERR_NOT_CHECKED};
+    segreg_abort_fn abort_hook = NULL;
+    size_t registered = 0;
     cudaStream_t stream = NULL;
     void *comm = segreg_sim_comm_create();
     void *nosym = segreg_sim_comm_create_nosym();
     void *p = segreg_alloc(1, 0, stream);
-    int64_t id = segreg_attach(comm) + segreg_sim_violations();
+    void *nb = segreg_sim_comm_create_nonblocking();
+    int64_t id = segreg_attach(comm) + segreg_sim_violations()
+               + segreg_attach_checked(comm, 0)
+               + segreg_attach_nonblocking(nb, 1, 100, abort_hook, NULL);
     int n = segreg_init() + segreg_init_sim() + segreg_register(comm)
           + segreg_register_all() + segreg_detach(comm)
           + segreg_stats(&s1, sizeof s1) + segreg_stats(&s2, sizeof s2)
           + segreg_window_get(comm, p, 1, &win, &offset)
-          + segreg_sim_comm_destroy(nosym) + codes[0];
+          + segreg_sim_comm_destroy(nosym) + codes[0]
+          + segreg_register_status(comm, &registered) + segreg_abstain(comm)
+          + segreg_sim_stall_next_register(nb) + segreg_sim_comm_abort(nb);
     const char *e = segreg_last_error();
     const char *b = segreg_backend();
     segreg_free(p, 1, 0, stream);

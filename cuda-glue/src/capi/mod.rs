@@ -14,6 +14,12 @@
 //! [`segreg_window_get`] is the lookup a kernel launcher calls per tensor
 //! (HCCL's `HcclCommSymWinGet`): lock-free on success, with one error code
 //! per answer (`SEGREG_ERR_*`).
+//!
+//! Checked comms and deadlines (`NEVER_HANG.md`): [`segreg_attach_checked`]
+//! and [`segreg_attach_nonblocking`] attach a comm whose passes agree
+//! before they register and whose calls end by a deadline;
+//! [`segreg_register_status`] and [`segreg_abstain`] answer with one code
+//! per outcome. The functions that existed before keep their behaviour.
 
 mod boundary;
 
@@ -24,8 +30,9 @@ use segment_registry::{CommId, WindowLookupError};
 
 use boundary::{api, api_coded, last_error_ptr};
 
-use crate::allocator::{Allocator, WindowError};
+use crate::allocator::{AbortHook, Allocator, AttachOptions, WindowError};
 use crate::backend::{Backend, RawComm};
+use crate::error::RegisterError;
 use crate::real::RealBackend;
 use crate::sim::SimWorld;
 pub use crate::stats::SegregStats;
@@ -56,6 +63,36 @@ pub const SEGREG_ERR_NOT_REGISTERED: c_int = -5;
 pub const SEGREG_ERR_NO_WINDOW: c_int = -6;
 /// [`segreg_window_get`]: internal error (a bug; see the last error).
 pub const SEGREG_ERR_INTERNAL: c_int = -7;
+/// [`segreg_register_status`], [`segreg_abstain`]: a checked pass found
+/// that the ranks disagree (or one abstained): nothing was registered on
+/// any rank, the comm is healthy; the last error says what differs.
+pub const SEGREG_ERR_DIVERGED: c_int = -8;
+/// [`segreg_register_status`]: a registration reached the comm's deadline
+/// and the comm was aborted (its windows are gone): detach it.
+pub const SEGREG_ERR_TIMEOUT: c_int = -9;
+/// [`segreg_register_status`], [`segreg_abstain`]: the comm was aborted
+/// earlier: detach it.
+pub const SEGREG_ERR_ABORTED: c_int = -10;
+/// [`segreg_register_status`], [`segreg_abstain`]: the comm is failed (a
+/// registration failed, now or before): only detach is allowed.
+pub const SEGREG_ERR_FAILED: c_int = -11;
+/// [`segreg_register_status`], [`segreg_abstain`]: a pass already runs on
+/// the comm (on another thread).
+pub const SEGREG_ERR_BUSY: c_int = -12;
+/// [`segreg_register_status`], [`segreg_abstain`]: a checked pass's
+/// agreement failed or reached its deadline: nothing was registered and
+/// the comm is failed now.
+pub const SEGREG_ERR_AGREEMENT: c_int = -13;
+/// [`segreg_abstain`]: the comm was not attached checked.
+pub const SEGREG_ERR_NOT_CHECKED: c_int = -14;
+
+/// The owner's abort of a borrowed non-blocking comm, given to
+/// [`segreg_attach_nonblocking`]: called with the raw comm and the `ctx`
+/// given there, by the thread whose call on the comm reached its deadline
+/// (a thread inside `segreg_register`, `segreg_free` or `segreg_detach`).
+/// Returns 0 once the comm is aborted (`ncclCommAbort`); anything else
+/// means it is not, and the call goes on waiting (the stall is reported).
+pub type SegregAbortFn = unsafe extern "C" fn(comm: *mut c_void, ctx: *mut c_void) -> c_int;
 
 struct Global {
     alloc: Allocator<Box<dyn Backend>>,
@@ -91,6 +128,32 @@ fn init_with(
     Ok(0)
 }
 
+/// The deadline a C caller asks for: positive milliseconds, else the
+/// environment's (`SEGREG_DEADLINE_MS`) or the default.
+fn deadline_of(ms: i64) -> Option<std::time::Duration> {
+    u64::try_from(ms)
+        .ok()
+        .filter(|&m| m > 0)
+        .map(std::time::Duration::from_millis)
+}
+
+/// The C answer of a failed pass: its `SEGREG_ERR_*` code.
+fn register_code(e: &RegisterError) -> c_int {
+    match e {
+        RegisterError::NotAttached(_) => SEGREG_ERR_NOT_ATTACHED,
+        RegisterError::Busy(_) => SEGREG_ERR_BUSY,
+        RegisterError::Failed { .. } | RegisterError::Register { .. } => SEGREG_ERR_FAILED,
+        RegisterError::Diverged(_) => SEGREG_ERR_DIVERGED,
+        RegisterError::Agreement { .. } => SEGREG_ERR_AGREEMENT,
+        RegisterError::Timeout { .. } => SEGREG_ERR_TIMEOUT,
+        RegisterError::Aborted { .. } => SEGREG_ERR_ABORTED,
+        RegisterError::NotChecked(_) => SEGREG_ERR_NOT_CHECKED,
+    }
+}
+
+/// A C caller's `ctx`, carried to the abort hook's thread.
+struct Ctx(usize);
+
 fn comm_of(ptr: *mut c_void) -> Result<RawComm, String> {
     if ptr.is_null() {
         return Err("null communicator".into());
@@ -98,15 +161,27 @@ fn comm_of(ptr: *mut c_void) -> Result<RawComm, String> {
     Ok(RawComm(ptr as usize))
 }
 
-/// The allocator and the id of the attached raw comm `comm`.
+/// The allocator and the id of the attached raw comm `comm` (or of the
+/// aborted comm that had the handle, not detached yet, if no live one has
+/// it: so that its passes answer "aborted" and it can be detached).
 fn attached(comm: *mut c_void) -> Result<(&'static Global, CommId), String> {
     let raw = comm_of(comm)?;
     let g = global()?;
     let id = g
         .alloc
-        .comm_id(raw)
+        .comm_id_or_aborted(raw)
         .ok_or_else(|| format!("{raw:?} is not attached"))?;
     Ok((g, id))
+}
+
+/// Attaches `comm` with `opts`; the id or the error's words.
+fn attach_with(comm: *mut c_void, opts: AttachOptions) -> Result<i64, String> {
+    let raw = comm_of(comm)?;
+    let id = global()?
+        .alloc
+        .attach_with(raw, opts)
+        .map_err(|e| e.to_string())?;
+    i64::try_from(id.0).map_err(|_| "comm id overflow".to_string())
 }
 
 fn clamp(n: usize) -> c_int {
@@ -200,10 +275,75 @@ pub extern "C" fn segreg_attach(comm: *mut c_void) -> i64 {
     })
 }
 
+/// Attaches a raw `ncclComm_t` *checked*, as borrowed and blocking (a
+/// PyTorch comm): its passes agree before they register, over a private
+/// comm split from it here (so this is a collective: call it at the same
+/// point on every rank, on the thread that issues the comm's collectives).
+/// `deadline_ms` > 0 bounds every collective call on it (else
+/// `SEGREG_DEADLINE_MS`, else 10 minutes); a blocking comm is never
+/// aborted: a call past its deadline is reported. Returns the id, or -1.
+#[no_mangle]
+pub extern "C" fn segreg_attach_checked(comm: *mut c_void, deadline_ms: i64) -> i64 {
+    api(-1, || {
+        let mut opts = AttachOptions::new().checked();
+        if let Some(d) = deadline_of(deadline_ms) {
+            opts = opts.deadline(d);
+        }
+        attach_with(comm, opts)
+    })
+}
+
+/// Attaches the application's *non-blocking* raw `ncclComm_t` (made with
+/// `ncclConfig_t.blocking = 0`), checked if `checked` is non-zero. Every
+/// call on it is polled by the calling thread; at its deadline
+/// (`deadline_ms` > 0, else `SEGREG_DEADLINE_MS`, else 10 minutes) that
+/// thread calls `abort(comm, ctx)` (never `ncclCommAbort` itself) and the
+/// comm is treated as gone: the call answers [`SEGREG_ERR_TIMEOUT`], later
+/// passes [`SEGREG_ERR_ABORTED`], and its windows leave the accounting
+/// without NCCL calls. Returns the id, or -1 (also for a null `abort`).
+///
+/// # Safety
+/// `abort` must be callable from any thread with `comm` and `ctx` until
+/// the comm is detached, and must not unwind.
+#[no_mangle]
+pub unsafe extern "C" fn segreg_attach_nonblocking(
+    comm: *mut c_void,
+    checked: c_int,
+    deadline_ms: i64,
+    abort: Option<SegregAbortFn>,
+    ctx: *mut c_void,
+) -> i64 {
+    api(-1, || {
+        let f = abort.ok_or("a non-blocking comm needs its owner's abort hook")?;
+        let ctx = Ctx(ctx as usize);
+        let hook: AbortHook = std::sync::Arc::new(move |raw: RawComm| {
+            // SAFETY: the caller of segreg_attach_nonblocking guarantees that
+            // `f` may be called with the comm and its `ctx` from any thread
+            // until detach (the hook is only called before that).
+            let rc = unsafe { f(raw.0 as *mut c_void, ctx.0 as *mut c_void) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(format!("the owner's abort hook returned {rc}"))
+            }
+        });
+        let mut opts = AttachOptions::new().borrowed_nonblocking(hook);
+        if checked != 0 {
+            opts = opts.checked();
+        }
+        if let Some(d) = deadline_of(deadline_ms) {
+            opts = opts.deadline(d);
+        }
+        attach_with(comm, opts)
+    })
+}
+
 /// Registers with the attached comm every live segment it has not seen
 /// (collective: call it at the same point on every rank). Returns the
 /// number of segments registered, or -1 (unknown comm, comm failed, or the
-/// registration failed, which marks the comm failed: detach it).
+/// registration failed, which marks the comm failed: detach it; on a
+/// checked comm also: the ranks disagree, the agreement failed; a call
+/// reached its deadline). [`segreg_register_status`] says which.
 #[no_mangle]
 pub extern "C" fn segreg_register(comm: *mut c_void) -> c_int {
     api(-1, || {
@@ -211,6 +351,54 @@ pub extern "C" fn segreg_register(comm: *mut c_void) -> c_int {
         let s = g.alloc.register(id).map_err(|e| e.to_string())?;
         Ok(clamp(s.registered.len()))
     })
+}
+
+/// [`segreg_register`] answering with one code per outcome: [`SEGREG_OK`]
+/// and `*registered` set to the number of segments registered (when
+/// `registered` is non-null), or a `SEGREG_ERR_*` code:
+/// [`SEGREG_ERR_DIVERGED`] (checked: nothing registered on any rank; free
+/// or allocate so every rank matches, then register again),
+/// [`SEGREG_ERR_TIMEOUT`], [`SEGREG_ERR_ABORTED`], [`SEGREG_ERR_FAILED`],
+/// [`SEGREG_ERR_AGREEMENT`], [`SEGREG_ERR_BUSY`],
+/// [`SEGREG_ERR_NOT_ATTACHED`], [`SEGREG_ERR_INVALID`]. The last error says
+/// what happened in words.
+///
+/// # Safety
+/// `registered` must be null or valid for a write of a `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn segreg_register_status(
+    comm: *mut c_void,
+    registered: *mut usize,
+) -> c_int {
+    let (code, n) = api_coded((SEGREG_ERR_INTERNAL, 0), || {
+        let (g, id) = attached(comm).map_err(|m| ((SEGREG_ERR_NOT_ATTACHED, 0), m))?;
+        match g.alloc.register(id) {
+            Ok(s) => Ok((SEGREG_OK, s.registered.len())),
+            Err(e) => Err(((register_code(&e), 0), e.to_string())),
+        }
+    });
+    if !registered.is_null() {
+        // SAFETY: non-null, and the caller guarantees it is valid for a
+        // write of a `size_t`; unaligned write to accept any caller buffer.
+        unsafe { registered.write_unaligned(n) };
+    }
+    code
+}
+
+/// Takes part in the attached checked comm's pass without registering
+/// (this rank cannot register now): call it where `segreg_register` would
+/// be called; every rank's pass then fails at once with
+/// [`SEGREG_ERR_DIVERGED`] instead of waiting for this one. Returns that
+/// code (the expected outcome), or why the rank could not take part
+/// ([`SEGREG_ERR_NOT_CHECKED`], [`SEGREG_ERR_BUSY`], ...).
+#[no_mangle]
+pub extern "C" fn segreg_abstain(comm: *mut c_void) -> c_int {
+    let (code, ()) = api_coded((SEGREG_ERR_INTERNAL, ()), || {
+        let (g, id) = attached(comm).map_err(|m| ((SEGREG_ERR_NOT_ATTACHED, ()), m))?;
+        let e = g.alloc.abstain(id);
+        Err(((register_code(&e), ()), e.to_string()))
+    });
+    code
 }
 
 /// Runs a pass for every attached comm, in attach order. Returns the total
@@ -393,6 +581,43 @@ pub extern "C" fn segreg_sim_comm_create_nosym() -> *mut c_void {
             .map_err(|e| e.to_string())?;
         Ok(c.first()
             .map_or(std::ptr::null_mut(), |c| c.0 as *mut c_void))
+    })
+}
+
+/// Sim backend only: like [`segreg_sim_comm_create`], for a non-blocking
+/// comm (its calls honour deadlines and may be aborted).
+#[no_mangle]
+pub extern "C" fn segreg_sim_comm_create_nonblocking() -> *mut c_void {
+    api(std::ptr::null_mut(), || {
+        let w = sim_world()?;
+        let c = w.comm_create_nonblocking(&[0]).map_err(|e| e.to_string())?;
+        Ok(c.first()
+            .map_or(std::ptr::null_mut(), |c| c.0 as *mut c_void))
+    })
+}
+
+/// Sim backend only: the comm's next registration never completes until
+/// the comm is aborted (a lost rendezvous). Returns 0 or -1.
+#[no_mangle]
+pub extern "C" fn segreg_sim_stall_next_register(comm: *mut c_void) -> c_int {
+    api(-1, || {
+        let raw = comm_of(comm)?;
+        sim_world()?
+            .stall_next(raw, crate::sim::SimOp::Register)
+            .map_err(|e| e.to_string())?;
+        Ok(0)
+    })
+}
+
+/// Sim backend only: `ncclCommAbort` of a simulated comm, as its owner's
+/// abort hook would call it. Returns 0 or -1.
+#[no_mangle]
+pub extern "C" fn segreg_sim_comm_abort(comm: *mut c_void) -> c_int {
+    api(-1, || {
+        let raw = comm_of(comm)?;
+        let rank = sim_world()?.rank(0).ok_or("no rank 0")?;
+        rank.comm_abort(raw).map_err(|e| e.to_string())?;
+        Ok(0)
     })
 }
 
