@@ -10,8 +10,21 @@
 //! With `--real` (or when CUDA and NCCL ≥ 2.28 are found and `--sim` is not
 //! given) it runs one rank on real NCCL: two one-rank comms on device 0.
 //!
+//! Comms are attached *checked* (their passes agree on what they register
+//! first; `--unchecked` attaches them as before). Two fault scenarios run
+//! on simulated ranks (`demo/faults.rs`): `--diverge` (a rank allocates one
+//! segment more: every rank gets the typed `Diverged`, the rank frees the
+//! extra, the next pass registers) and `--stall` (a registration rendezvous
+//! never completes: the deadline ends it with `Timeout` on every rank, the
+//! comm is aborted, the accounting stays exact). Both exit 0 when all of it
+//! happened as it should.
+//!
 //! Options: `--sim`, `--real`, `--ranks N` (sim, 1-16), `--iters N`,
-//! `--device N` (real).
+//! `--device N` (real), `--unchecked`, `--diverge`, `--stall`,
+//! `--deadline-ms N` (`--stall`, default 200).
+
+#[path = "demo/faults.rs"]
+mod faults;
 
 use std::process::ExitCode;
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -22,14 +35,41 @@ use std::time::{Duration, Instant};
 use segment_registry_nccl::real::RealBackend;
 use segment_registry_nccl::sim::{SimBackend, SimCall, SimOp, SimWorld};
 use segment_registry_nccl::{
-    Allocator, AllocatorStats, Backend, BackendError, CommId, RawComm, MEM_GRANULARITY,
+    Allocator, AllocatorStats, AttachOptions, Backend, BackendError, CommId, RawComm,
+    MEM_GRANULARITY,
 };
+
+/// Which run the demo makes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    /// The allocator workload (sim or real).
+    Workload,
+    /// `--diverge`.
+    Diverge,
+    /// `--stall`.
+    Stall,
+}
 
 struct Options {
     mode: Option<bool>, // Some(true): real, Some(false): sim, None: auto
     ranks: usize,
     iters: usize,
     device: i32,
+    checked: bool,
+    scenario: Scenario,
+    deadline: Duration,
+}
+
+impl Options {
+    /// How the workload attaches its comms.
+    fn attach_options(&self) -> AttachOptions {
+        let opts = AttachOptions::new().deadline(Duration::from_secs(60));
+        if self.checked {
+            opts.checked()
+        } else {
+            opts
+        }
+    }
 }
 
 fn parse() -> Result<Options, String> {
@@ -38,6 +78,9 @@ fn parse() -> Result<Options, String> {
         ranks: 4,
         iters: 200,
         device: 0,
+        checked: true,
+        scenario: Scenario::Workload,
+        deadline: Duration::from_millis(200),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -52,9 +95,16 @@ fn parse() -> Result<Options, String> {
             "--ranks" => o.ranks = num("--ranks")?.clamp(1, 16),
             "--iters" => o.iters = num("--iters")?.max(1),
             "--device" => o.device = i32::try_from(num("--device")?).map_err(|_| "bad --device")?,
+            "--unchecked" => o.checked = false,
+            "--diverge" => o.scenario = Scenario::Diverge,
+            "--stall" => o.scenario = Scenario::Stall,
+            "--deadline-ms" => {
+                o.deadline = Duration::from_millis(num("--deadline-ms")?.max(1) as u64)
+            }
             "-h" | "--help" => {
                 return Err("usage: segment-registry-demo [--sim|--real] [--ranks N] \
-                            [--iters N] [--device N]"
+                            [--iters N] [--device N] [--unchecked] \
+                            [--diverge | --stall [--deadline-ms N]]"
                     .into())
             }
             other => return Err(format!("unknown argument {other:?}")),
@@ -182,8 +232,10 @@ fn run_sim(o: &Options) -> Result<bool, String> {
     let (job, ends) = SimJob::new(o.ranks)?;
     println!(
         "segment-registry-demo: simulated NCCL, {} ranks x 2 threads (app + comm), {SIM_COMMS} \
-         comms sharing one pool per rank, {} iterations",
-        o.ranks, o.iters
+         {} comms sharing one pool per rank, {} iterations",
+        o.ranks,
+        if o.checked { "checked" } else { "unchecked" },
+        o.iters
     );
     let t0 = Instant::now();
     let results: Vec<Result<(Timing, Allocator<SimBackend>), String>> = thread::scope(|s| {
@@ -274,7 +326,9 @@ impl SimJob {
         let backend = self.world.rank(r).ok_or("no such rank")?;
         let al = Allocator::new(backend);
         for c in &self.comms {
-            al.attach(c[r]).map_err(|e| e.to_string())?;
+            // On this rank's thread: a checked attach is collective.
+            al.attach_with(c[r], o.attach_options())
+                .map_err(|e| e.to_string())?;
         }
         let mut w = RankWork {
             t: Timing::default(),
@@ -417,7 +471,10 @@ fn run_real(o: &Options, backend: RealBackend) -> Result<bool, String> {
     let al = Allocator::new(backend);
     let mut ids = Vec::new();
     for raw in raws {
-        ids.push(al.attach(raw).map_err(|e| e.to_string())?);
+        ids.push(
+            al.attach_with(raw, o.attach_options())
+                .map_err(|e| e.to_string())?,
+        );
     }
     let mut t = Timing::default();
     let mut rng = Rng(7);
@@ -528,23 +585,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let outcome = match o.mode {
-        Some(false) => run_sim(&o),
-        Some(true) => match RealBackend::new() {
-            Ok(b) => run_real(&o, b),
-            Err(e) => Err(format!("--real: {e}")),
-        },
-        None => match RealBackend::new() {
-            Ok(b) if b.device_count().is_ok_and(|n| n > 0) => run_real(&o, b),
-            Ok(_) => {
-                println!("(no CUDA device: using the simulated NCCL)");
-                run_sim(&o)
-            }
-            Err(e) => {
-                println!("(real NCCL unavailable: {e}; using the simulated NCCL)");
-                run_sim(&o)
-            }
-        },
+    let outcome = match (o.scenario, o.mode) {
+        (Scenario::Diverge, _) => faults::run_diverge(o.ranks),
+        (Scenario::Stall, _) => faults::run_stall(o.ranks, o.deadline),
+        (_, mode) => run_workload(&o, mode),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
@@ -556,5 +600,27 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The allocator workload, on real NCCL or simulated.
+fn run_workload(o: &Options, mode: Option<bool>) -> Result<bool, String> {
+    match mode {
+        Some(false) => run_sim(o),
+        Some(true) => match RealBackend::new() {
+            Ok(b) => run_real(o, b),
+            Err(e) => Err(format!("--real: {e}")),
+        },
+        None => match RealBackend::new() {
+            Ok(b) if b.device_count().is_ok_and(|n| n > 0) => run_real(o, b),
+            Ok(_) => {
+                println!("(no CUDA device: using the simulated NCCL)");
+                run_sim(o)
+            }
+            Err(e) => {
+                println!("(real NCCL unavailable: {e}; using the simulated NCCL)");
+                run_sim(o)
+            }
+        },
     }
 }
