@@ -11,7 +11,11 @@
 //!   with deregistration → detach;
 //! * 1,000 alloc/register/free cycles: `cuMemGetInfo` stays within 2 MiB of
 //!   the start;
-//! * the control: the same cycles without deregistration lose memory.
+//! * the control: the same cycles without deregistration lose memory;
+//! * checked comms (NEVER_HANG.md), not yet run on a GPU: a checked attach
+//!   of a blocking one-rank comm (split, warm-up all-reduce), its passes,
+//!   an abstain, detach; and an owned non-blocking comm whose every call
+//!   is polled (`ncclInProgress`).
 #![cfg(not(feature = "loom"))]
 
 use std::ffi::c_void;
@@ -21,7 +25,9 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::nccl::result as nccl;
 use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclRedOp_t};
 use segment_registry_nccl::real::RealBackend;
-use segment_registry_nccl::{Allocator, Backend, RawComm, NCCL_WIN_COLL_SYMMETRIC};
+use segment_registry_nccl::{
+    Allocator, AttachOptions, Backend, RawComm, RegisterError, Wait, NCCL_WIN_COLL_SYMMETRIC,
+};
 
 const MIB: usize = 1 << 20;
 const DEV: i32 = 0;
@@ -228,4 +234,61 @@ fn gpu_control_without_deregistration_memory_grows() {
     // SAFETY: made above, used by nobody else, never used again.
     unsafe { b.comm_destroy(c) }.unwrap();
     println!("after ncclCommDestroy: {:.1} MiB free", free_mib(&b));
+}
+
+#[test]
+#[ignore = "needs a GPU and NCCL >= 2.28 (cuda-glue/gpu/README.md)"]
+fn gpu_checked_attach_passes_abstain_and_detach_on_one_rank() {
+    let b = backend();
+    let c = b.comm_init_one_rank(DEV).unwrap();
+    let al = Allocator::new(b);
+    let opts = AttachOptions::new()
+        .checked()
+        .deadline(std::time::Duration::from_secs(60));
+    let id = al.attach_with(c, opts).expect("split + warm-up all-reduce");
+    let p = al.alloc(4 * MIB, DEV).unwrap();
+    assert_eq!(al.register(id).unwrap().windows, 1);
+    assert!(
+        al.register(id).unwrap().registered.is_empty(),
+        "nothing pending"
+    );
+    assert!(matches!(al.abstain(id), RegisterError::Diverged(_)));
+    al.free(p).unwrap();
+    al.detach(id).expect("detach destroys the agreement comm");
+    let s = al.stats();
+    println!(
+        "checked: {} agreements, {} diverged",
+        s.agreements, s.diverged
+    );
+    assert_eq!((s.windows_registered, s.windows_deregistered), (1, 1));
+    // SAFETY: made above, detached, used by nobody else, never used again.
+    unsafe { al.backend().comm_destroy(c) }.unwrap();
+}
+
+#[test]
+#[ignore = "needs a GPU and NCCL >= 2.28 (cuda-glue/gpu/README.md)"]
+fn gpu_owned_non_blocking_comm_polls_every_call() {
+    let b = backend();
+    let c = b
+        .comm_init_one_rank_nonblocking(DEV, &Wait::unbounded())
+        .expect("ncclCommInitRankConfig, blocking = 0");
+    let al = Allocator::new(b);
+    let opts = AttachOptions::new()
+        .checked()
+        .owned()
+        .deadline(std::time::Duration::from_secs(60));
+    let id = al.attach_with(c, opts).unwrap();
+    for _ in 0..10 {
+        let p = al.alloc(2 * MIB, DEV).unwrap();
+        assert_eq!(al.register(id).unwrap().windows, 1);
+        al.free(p).unwrap();
+    }
+    al.detach(id).unwrap();
+    let s = al.stats();
+    assert_eq!(
+        (s.windows_registered, s.windows_deregistered, s.timeouts),
+        (10, 10, 0)
+    );
+    // SAFETY: made above, detached, used by nobody else, never used again.
+    unsafe { al.backend().comm_destroy(c) }.unwrap();
 }
