@@ -12,8 +12,30 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use segment_registry::CommId;
+
+use crate::backend::RawComm;
 use crate::stats::{bump, Counters};
 use crate::util::lock;
+
+/// What a watch names: a call on a comm (formatted only if reported, so
+/// that watching costs a calling thread no allocation).
+#[derive(Clone, Copy)]
+pub(crate) enum Watched {
+    /// An NCCL call on an attached comm.
+    Call(&'static str, CommId, RawComm),
+    /// The split of a checked attach.
+    Split(RawComm),
+}
+
+impl std::fmt::Display for Watched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Watched::Call(call, id, raw) => write!(f, "{call} on {id} ({raw:?})"),
+            Watched::Split(raw) => write!(f, "ncclCommSplit of {raw:?} (a checked attach)"),
+        }
+    }
+}
 
 /// Where a report goes: the allocator's counters and last-error slot.
 #[derive(Clone)]
@@ -40,7 +62,7 @@ impl Sink {
 struct Watch {
     started: Instant,
     deadline: Duration,
-    what: String,
+    what: Watched,
     sink: Sink,
     reported: bool,
 }
@@ -73,9 +95,9 @@ impl Drop for WatchGuard {
     }
 }
 
-/// Watches a call described by `what` (the comm and the call) that should
-/// end within `deadline`, until the guard drops.
-pub(crate) fn watch(what: String, deadline: Duration, sink: Sink) -> WatchGuard {
+/// Watches the call `what` that should end within `deadline`, until the
+/// guard drops.
+pub(crate) fn watch(what: Watched, deadline: Duration, sink: Sink) -> WatchGuard {
     let dog = watchdog();
     let mut w = lock(&dog.watches);
     let id = w.next;
@@ -113,9 +135,10 @@ fn run(dog: &Watchdog) {
             let due = watch.started + watch.deadline;
             if due <= now {
                 watch.reported = true;
+                let what = watch.what.to_string();
                 watch
                     .sink
-                    .report(&watch.what, now - watch.started, watch.deadline);
+                    .report(&what, now - watch.started, watch.deadline);
             } else {
                 next = Some(next.map_or(due, |n| n.min(due)));
             }

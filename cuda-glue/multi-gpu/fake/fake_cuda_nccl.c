@@ -148,6 +148,7 @@ typedef struct {
     int aborted;        /* ncclCommAbort ran: any later call is a use after free */
     int pending;        /* non-blocking: 1 a call answered ncclInProgress, 2 it never completes */
     unsigned long splits; /* children split off so far: names them */
+    void *next_aborted;   /* the list of aborted comms (kept, never freed) */
 } fake_comm;
 struct fake_window { fake_comm *comm; void *ptr; size_t size; fake_window *next; };
 /* The prefix of ncclConfig_t that the fake reads. */
@@ -340,6 +341,10 @@ int ncclCommDestroy(fake_comm *c) {
     free(c);
     return 0;
 }
+/* Aborted comms, kept (so that a later call on one is seen, not a use
+ * after free of the fake's own) and reachable from here (not a leak). */
+static fake_comm *aborted_comms;
+
 /* Frees the comm's windows; the comm's memory stays (marked aborted). */
 int ncclCommAbort(fake_comm *c) {
     int rc = check_live(c);
@@ -348,6 +353,8 @@ int ncclCommAbort(fake_comm *c) {
     free_windows(c);
     pthread_mutex_lock(&mu);
     aborts++;
+    c->next_aborted = aborted_comms;
+    aborted_comms = c;
     pthread_mutex_unlock(&mu);
     return 0;
 }

@@ -222,7 +222,7 @@ impl<B: Backend> Allocator<B> {
         // business, so the watchdog watches it too.
         let split = {
             let _watch = matches!(opts.owner, CommOwner::Borrowed).then(|| {
-                let what = format!("ncclCommSplit of {raw:?} (a checked attach)");
+                let what = crate::watchdog::Watched::Split(raw);
                 crate::watchdog::watch(what, deadline, self.sink())
             });
             self.backend.comm_split(raw, &split_wait)

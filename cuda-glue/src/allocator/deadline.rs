@@ -22,7 +22,7 @@ use super::Allocator;
 use crate::backend::{AtDeadline, Backend, BackendError, Wait};
 use crate::stats::bump;
 use crate::util::lock;
-use crate::watchdog::{self, Sink};
+use crate::watchdog::{self, Sink, Watched};
 
 impl<B: Backend> Allocator<B> {
     /// Runs `call` (named `name`) on `entry`'s comm under the comm's
@@ -38,7 +38,7 @@ impl<B: Backend> Allocator<B> {
         let action = |waited| self.at_deadline(entry, name, waited);
         let wait = self.wait(entry.deadline, &action);
         let _watch = matches!(entry.owner, CommOwner::Borrowed).then(|| {
-            let what = format!("{name} on {} ({:?})", entry.id, entry.raw);
+            let what = Watched::Call(name, entry.id, entry.raw);
             watchdog::watch(what, entry.deadline, self.sink())
         });
         call(&wait)
