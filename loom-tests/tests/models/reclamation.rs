@@ -20,9 +20,10 @@ use crate::common::{
 };
 use crate::exactly_once_windows::untrack_races_pass;
 
-/// The untracks of `exactly_once_windows::untrack_races_a_pass_holding_the_segment`,
-/// with sweeps (`with_sweep_slack(0)`): the second untrack sweeps while the
-/// pass may still hold A or B, and every node is retired exactly once.
+/// `exactly_once_windows::untrack_races_a_pass_holding_the_segment` with
+/// sweeps (`with_sweep_slack(0)`, C and D tracked after B): the second
+/// untrack sweeps while the pass may still hold A or B, and after a drain
+/// every node but the last two was retired exactly once.
 #[test]
 fn untracks_and_sweeps_race_a_holding_pass() {
     static RUNS: AtomicUsize = AtomicUsize::new(0);
