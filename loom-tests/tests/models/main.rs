@@ -19,6 +19,7 @@
 //! * `page_map`: lookups through the page map racing address reuse, exact
 //!   counts, and slots that never name a freed node;
 //! * `reclamation`: sweeps racing readers, appends, each other and passes;
+//! * `agreement`: a checked pass's digest against racing untracks and tracks;
 //! * `common`: the set-up, the [`Ledger`](common::Ledger) and the
 //!   operations as a well-behaved caller runs them.
 //!
@@ -40,6 +41,7 @@
 
 mod common;
 
+mod agreement;
 mod exactly_once_windows;
 mod failure_atomicity;
 mod fixed_set;
