@@ -52,6 +52,9 @@ STATS_FIELDS = [
     "comms_failed",
     "sim_violations",
     "orphans",
+    "agreements",
+    "diverged",
+    "agreement_failures",
 ]
 
 

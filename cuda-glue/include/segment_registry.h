@@ -76,6 +76,9 @@ typedef struct segreg_stats {
     uint64_t comms_failed;         /* attached comms marked failed */
     uint64_t sim_violations;       /* simulated backend: rule violations */
     uint64_t orphans;              /* bookkeeping with nothing to act on: 0 unless a bug */
+    uint64_t agreements;           /* checked passes' agreements started */
+    uint64_t diverged;             /* checked passes that ended diverged (nothing registered) */
+    uint64_t agreement_failures;   /* checked passes whose agreement failed (comm failed) */
 } segreg_stats_t;
 
 /* Initializes the process-wide allocator on real NCCL (>= 2.28) and the CUDA

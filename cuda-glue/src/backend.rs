@@ -4,8 +4,18 @@
 //! (NCCL and the CUDA driver, loaded at run time through cudarc) and
 //! [`SimBackend`](crate::sim::SimBackend) (pure Rust, several simulated ranks
 //! in one process, for CPU machines and CI).
+//!
+//! Every call that can wait for peers (a collective) or for NCCL's own
+//! progress (any call on a non-blocking comm, which may answer
+//! `ncclInProgress`) takes a [`Wait`]: how long the calling thread may
+//! wait, and what it does at the deadline (abort the comm, or report the
+//! stall and go on). The thread that made the call is the one that polls
+//! (`ncclCommGetAsyncError`) and, at the deadline, aborts: see
+//! `NEVER_HANG.md`.
 
+use std::cell::Cell;
 use std::fmt;
+use std::time::{Duration, Instant};
 
 /// `NCCL_WIN_COLL_SYMMETRIC`: the flag that makes a window usable by
 /// symmetric collective kernels.
@@ -60,6 +70,167 @@ impl fmt::Debug for Window {
         write!(f, "Window({:#x}#{})", self.raw, self.generation)
     }
 }
+
+/// What the waiting thread did when a call's deadline passed (the answer of
+/// a [`Wait`]'s deadline action).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AtDeadline {
+    /// The comm was aborted: the call returns [`BackendError::Timeout`] at
+    /// once and touches the comm no more (NCCL freed it inside the abort).
+    Aborted,
+    /// Nothing may release the call (a borrowed blocking comm, or an abort
+    /// hook that failed): the stall was reported and the call goes on
+    /// waiting.
+    KeepWaiting,
+}
+
+/// The deadline action of a [`Wait`]: given the time waited so far, it
+/// aborts the comm (and answers [`AtDeadline::Aborted`]) or reports the
+/// stall (and answers [`AtDeadline::KeepWaiting`]).
+pub type DeadlineAction<'a> = &'a dyn Fn(Duration) -> AtDeadline;
+
+/// How the calling thread waits for one NCCL call that may not complete at
+/// once: its deadline, measured from the moment the `Wait` was made, and
+/// the action to run once the deadline has passed. A backend polls the
+/// call's progress (`ncclCommGetAsyncError` on a non-blocking comm) and
+/// asks [`check`](Self::check) between polls; the action runs at most
+/// once, on the calling thread, inside the call (so an out-pointer NCCL
+/// still holds stays valid until the abort has returned).
+///
+/// A call on a *blocking* comm cannot be polled: it returns when NCCL
+/// does, and its `Wait` is never asked. The allocator's watchdog reports
+/// such a call when it outlives its deadline.
+pub struct Wait<'a> {
+    started: Instant,
+    deadline: Option<Duration>,
+    action: Option<DeadlineAction<'a>>,
+    fired: Cell<Option<AtDeadline>>,
+}
+
+impl fmt::Debug for Wait<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Wait")
+            .field("deadline", &self.deadline)
+            .field("waited", &self.waited())
+            .field("fired", &self.fired.get())
+            .finish()
+    }
+}
+
+impl Wait<'static> {
+    /// No deadline: the call waits as long as NCCL takes.
+    pub fn unbounded() -> Self {
+        Wait {
+            started: Instant::now(),
+            deadline: None,
+            action: None,
+            fired: Cell::new(None),
+        }
+    }
+
+    /// A deadline whose action aborts nothing: at the deadline the call
+    /// ends with [`BackendError::Timeout`] as if it had been aborted. Only
+    /// for calls whose backend cleans up itself (a comm split, whose
+    /// half-made child the backend aborts) and for tests.
+    pub fn give_up_after(deadline: Duration) -> Self {
+        Wait {
+            started: Instant::now(),
+            deadline: Some(deadline),
+            action: None,
+            fired: Cell::new(None),
+        }
+    }
+}
+
+impl<'a> Wait<'a> {
+    /// A wait that runs `action` once `deadline` has passed (measured from
+    /// now).
+    pub fn new(deadline: Duration, action: DeadlineAction<'a>) -> Self {
+        Wait {
+            started: Instant::now(),
+            deadline: Some(deadline),
+            action: Some(action),
+            fired: Cell::new(None),
+        }
+    }
+
+    /// The deadline, if any.
+    pub fn deadline(&self) -> Option<Duration> {
+        self.deadline
+    }
+
+    /// Time since the wait was made.
+    pub fn waited(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Time left before the deadline (`None`: no deadline; zero once it
+    /// has passed).
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline.map(|d| d.saturating_sub(self.waited()))
+    }
+
+    /// How long a poller sleeps between two polls: short at first, never
+    /// past the deadline.
+    pub fn poll_interval(&self) -> Duration {
+        let base = Duration::from_micros(200);
+        match self.remaining() {
+            Some(r) if !r.is_zero() => r.min(base),
+            _ => base,
+        }
+    }
+
+    /// `None` before the deadline (or without one). At the first check past
+    /// it, runs the action (once) and returns its answer; later checks
+    /// return the same answer without running it again. A wait without an
+    /// action answers [`AtDeadline::Aborted`] (see
+    /// [`give_up_after`](Wait::give_up_after)).
+    pub fn check(&self) -> Option<AtDeadline> {
+        if let Some(done) = self.fired.get() {
+            return Some(done);
+        }
+        let deadline = self.deadline?;
+        let waited = self.waited();
+        if waited < deadline {
+            return None;
+        }
+        let answer = self.action.map_or(AtDeadline::Aborted, |a| a(waited));
+        self.fired.set(Some(answer));
+        Some(answer)
+    }
+
+    /// Whether the deadline action ran and aborted the comm.
+    pub fn aborted(&self) -> bool {
+        self.fired.get() == Some(AtDeadline::Aborted)
+    }
+
+    /// The [`BackendError::Timeout`] of `call` on `comm` after this wait.
+    pub fn timeout(&self, call: &'static str, comm: RawComm) -> BackendError {
+        BackendError::Timeout {
+            call,
+            comm,
+            waited: self.waited(),
+        }
+    }
+}
+
+/// The state `ncclCommGetAsyncError` reports for a comm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommProgress {
+    /// No call in progress and no error (`ncclSuccess`).
+    Ready,
+    /// A call on the non-blocking comm is still in progress
+    /// (`ncclInProgress`).
+    InProgress,
+}
+
+/// The `ncclResult_t` a non-blocking call answers while it is still in
+/// progress.
+pub const NCCL_IN_PROGRESS: i32 = 7;
+
+/// The reduction input of an agreement: a few `u64` words, all-reduced
+/// with `max`.
+pub const MAX_AGREEMENT_WORDS: usize = 16;
 
 /// Why a backend call failed. Every variant is a typed error: no backend
 /// panics on bad input or a missing library.
@@ -138,14 +309,55 @@ pub enum BackendError {
         /// The simulated rank.
         rank: usize,
     },
+    /// The call did not complete by its deadline, and the comm was aborted
+    /// (by the calling thread, or through its owner's abort hook): the
+    /// comm is gone.
+    #[error("{call} on {comm:?} did not complete in {waited:?}: the comm was aborted")]
+    Timeout {
+        /// The call.
+        call: &'static str,
+        /// The comm it was made on.
+        comm: RawComm,
+        /// How long the calling thread waited.
+        waited: Duration,
+    },
+    /// The comm was aborted (by this rank, before or during the call).
+    #[error("{call} on {comm:?}: the comm was aborted")]
+    Aborted {
+        /// The call.
+        call: &'static str,
+        /// The comm.
+        comm: RawComm,
+    },
+    /// The backend does not implement the call.
+    #[error("{call} is not supported by the {backend} backend")]
+    Unsupported {
+        /// The call.
+        call: &'static str,
+        /// The backend's name.
+        backend: &'static str,
+    },
 }
 
 /// The NCCL calls the allocator makes. Implementations are thread-safe; the
 /// allocator itself guarantees at most one call in flight per comm (NCCL is
 /// not thread-safe on one comm).
+///
+/// The calls behind [`Wait`]s handle `ncclInProgress` (a non-blocking
+/// comm): they poll the comm from the calling thread until the call
+/// completes, and ask the `Wait` between polls. The calls added for
+/// checked passes (split, all-reduce, abort, async errors) have default
+/// bodies that answer [`BackendError::Unsupported`], so a backend written
+/// before them still serves unchecked comms.
 pub trait Backend: Send + Sync {
     /// A short name for logs ("nccl", "sim").
     fn name(&self) -> &'static str;
+
+    /// `ncclGetVersion` (e.g. 22809 for 2.28.9). From 2.30 ranks may
+    /// register different sizes in one collective registration.
+    fn nccl_version(&self) -> i32 {
+        MIN_NCCL_VERSION
+    }
 
     /// `ncclMemAlloc` on `device`: returns the device pointer.
     fn mem_alloc(&self, size: usize, device: i32) -> Result<usize, BackendError>;
@@ -154,19 +366,118 @@ pub trait Backend: Send + Sync {
     /// memory was deregistered.
     fn mem_free(&self, ptr: usize) -> Result<(), BackendError>;
 
-    /// `ncclCommWindowRegister` (collective). `Ok(None)`: NCCL returned a
-    /// null window (no symmetric support), which counts as registered
-    /// without a window.
+    /// `ncclCommWindowRegister` (collective), waiting as `wait` says.
+    /// `Ok(None)`: NCCL returned a null window (no symmetric support),
+    /// which counts as registered without a window. If `wait`'s action
+    /// aborted the comm, [`BackendError::Timeout`].
+    fn comm_window_register_within(
+        &self,
+        comm: RawComm,
+        ptr: usize,
+        size: usize,
+        flags: i32,
+        wait: &Wait<'_>,
+    ) -> Result<Option<Window>, BackendError>;
+
+    /// `ncclCommWindowDeregister` (local), waiting as `wait` says (a
+    /// non-blocking comm may answer `ncclInProgress`).
+    fn comm_window_deregister_within(
+        &self,
+        comm: RawComm,
+        window: Window,
+        wait: &Wait<'_>,
+    ) -> Result<(), BackendError>;
+
+    /// [`comm_window_register_within`](Self::comm_window_register_within)
+    /// with no deadline.
     fn comm_window_register(
         &self,
         comm: RawComm,
         ptr: usize,
         size: usize,
         flags: i32,
-    ) -> Result<Option<Window>, BackendError>;
+    ) -> Result<Option<Window>, BackendError> {
+        self.comm_window_register_within(comm, ptr, size, flags, &Wait::unbounded())
+    }
 
-    /// `ncclCommWindowDeregister` (local).
-    fn comm_window_deregister(&self, comm: RawComm, window: Window) -> Result<(), BackendError>;
+    /// [`comm_window_deregister_within`](Self::comm_window_deregister_within)
+    /// with no deadline.
+    fn comm_window_deregister(&self, comm: RawComm, window: Window) -> Result<(), BackendError> {
+        self.comm_window_deregister_within(comm, window, &Wait::unbounded())
+    }
+
+    /// `ncclCommSplit(parent, color 0, key = this rank)` with a
+    /// non-blocking config (`blocking = 0`): a new comm over the same
+    /// ranks, owned by the caller. Collective on `parent`: every rank calls
+    /// it at the same program point. The new comm is polled until it is
+    /// ready; if `wait`'s deadline passes first, the backend aborts the
+    /// half-made child itself (it is the caller's own) and returns
+    /// [`BackendError::Timeout`]; `wait`'s action is not run (the parent is
+    /// not the caller's to abort).
+    fn comm_split(&self, parent: RawComm, wait: &Wait<'_>) -> Result<RawComm, BackendError> {
+        let _ = (parent, wait);
+        Err(self.unsupported("ncclCommSplit"))
+    }
+
+    /// `ncclCommGetAsyncError`: whether a call on the comm is still in
+    /// progress; an error the comm met asynchronously is an `Err`.
+    fn comm_async_error(&self, comm: RawComm) -> Result<CommProgress, BackendError> {
+        let _ = comm;
+        Err(self.unsupported("ncclCommGetAsyncError"))
+    }
+
+    /// `ncclCommAbort`: ends every call in flight on the comm and frees it,
+    /// its windows included. The handle must not be used afterwards (not
+    /// even to deregister a window: NCCL freed them).
+    fn comm_abort(&self, comm: RawComm) -> Result<(), BackendError> {
+        let _ = comm;
+        Err(self.unsupported("ncclCommAbort"))
+    }
+
+    /// Destroys a comm the glue made (the private agreement comm):
+    /// `ncclCommFinalize`, polled as `wait` says, then `ncclCommDestroy`.
+    /// At the deadline the backend aborts the comm instead and returns
+    /// [`BackendError::Timeout`].
+    fn comm_release(&self, comm: RawComm, wait: &Wait<'_>) -> Result<(), BackendError> {
+        let _ = (comm, wait);
+        Err(self.unsupported("ncclCommDestroy"))
+    }
+
+    /// Sets up what [`all_reduce_max_u64`](Self::all_reduce_max_u64) needs
+    /// on `comm` (a device buffer and a stream on the comm's device), so
+    /// that the agreement itself allocates nothing.
+    fn all_reduce_setup(&self, comm: RawComm) -> Result<(), BackendError> {
+        let _ = comm;
+        Err(self.unsupported("ncclAllReduce"))
+    }
+
+    /// `ncclAllReduce(words, words, n, ncclUint64, ncclMax, comm)` in
+    /// place (collective), waited for as `wait` says: the call, then the
+    /// stream. At most [`MAX_AGREEMENT_WORDS`] words;
+    /// [`all_reduce_setup`](Self::all_reduce_setup) first.
+    fn all_reduce_max_u64(
+        &self,
+        comm: RawComm,
+        words: &mut [u64],
+        wait: &Wait<'_>,
+    ) -> Result<(), BackendError> {
+        let _ = (comm, words, wait);
+        Err(self.unsupported("ncclAllReduce"))
+    }
+
+    /// Frees what [`all_reduce_setup`](Self::all_reduce_setup) made for
+    /// `comm` (before the comm is destroyed or right after it is aborted).
+    fn all_reduce_teardown(&self, comm: RawComm) {
+        let _ = comm;
+    }
+
+    /// The [`BackendError::Unsupported`] of `call` on this backend.
+    fn unsupported(&self, call: &'static str) -> BackendError {
+        BackendError::Unsupported {
+            call,
+            backend: self.name(),
+        }
+    }
 }
 
 /// `Backend` for smart pointers to a backend: every call forwards.
@@ -176,27 +487,58 @@ macro_rules! forward_backend {
             fn name(&self) -> &'static str {
                 (**self).name()
             }
+            fn nccl_version(&self) -> i32 {
+                (**self).nccl_version()
+            }
             fn mem_alloc(&self, size: usize, device: i32) -> Result<usize, BackendError> {
                 (**self).mem_alloc(size, device)
             }
             fn mem_free(&self, ptr: usize) -> Result<(), BackendError> {
                 (**self).mem_free(ptr)
             }
-            fn comm_window_register(
+            fn comm_window_register_within(
                 &self,
                 comm: RawComm,
                 ptr: usize,
                 size: usize,
                 flags: i32,
+                wait: &Wait<'_>,
             ) -> Result<Option<Window>, BackendError> {
-                (**self).comm_window_register(comm, ptr, size, flags)
+                (**self).comm_window_register_within(comm, ptr, size, flags, wait)
             }
-            fn comm_window_deregister(
+            fn comm_window_deregister_within(
                 &self,
                 comm: RawComm,
                 window: Window,
+                wait: &Wait<'_>,
             ) -> Result<(), BackendError> {
-                (**self).comm_window_deregister(comm, window)
+                (**self).comm_window_deregister_within(comm, window, wait)
+            }
+            fn comm_split(&self, parent: RawComm, wait: &Wait<'_>) -> Result<RawComm, BackendError> {
+                (**self).comm_split(parent, wait)
+            }
+            fn comm_async_error(&self, comm: RawComm) -> Result<CommProgress, BackendError> {
+                (**self).comm_async_error(comm)
+            }
+            fn comm_abort(&self, comm: RawComm) -> Result<(), BackendError> {
+                (**self).comm_abort(comm)
+            }
+            fn comm_release(&self, comm: RawComm, wait: &Wait<'_>) -> Result<(), BackendError> {
+                (**self).comm_release(comm, wait)
+            }
+            fn all_reduce_setup(&self, comm: RawComm) -> Result<(), BackendError> {
+                (**self).all_reduce_setup(comm)
+            }
+            fn all_reduce_max_u64(
+                &self,
+                comm: RawComm,
+                words: &mut [u64],
+                wait: &Wait<'_>,
+            ) -> Result<(), BackendError> {
+                (**self).all_reduce_max_u64(comm, words, wait)
+            }
+            fn all_reduce_teardown(&self, comm: RawComm) {
+                (**self).all_reduce_teardown(comm)
             }
         }
     };

@@ -12,7 +12,9 @@
 //! * [`allocator`]: the [`Allocator`] (alloc, free, passes, detach, window
 //!   lookup); its figures come from one table (`stats.rs`), which also
 //!   makes the C ABI's `segreg_stats_t`.
-//! * [`backend`]: the four NCCL calls behind the [`Backend`] trait.
+//! * [`backend`]: the NCCL calls behind the [`Backend`] trait (memory,
+//!   windows, and for checked comms split, all-reduce, abort and async
+//!   errors), each collective one waited for under a [`Wait`].
 //! * [`real`]: NCCL and the CUDA driver through cudarc, loaded at run time;
 //!   absence is a typed error.
 //! * [`sim`]: a pure-Rust multi-rank NCCL that checks NCCL's rules and
@@ -53,12 +55,16 @@ mod stats;
 mod util;
 
 pub use allocator::{
-    Allocator, AllocatorStats, CommInfo, CommState, DetachReport, FreeReport, PassSummary,
-    WindowError,
+    deadline_from_env, AbortHook, Allocator, AllocatorStats, AttachOptions, CommInfo, CommOwner,
+    CommState, DetachReport, FreeReport, PassSummary, TestFaults, WindowError, DEADLINE_ENV,
+    DEFAULT_DEADLINE,
 };
 pub use backend::{
-    Backend, BackendError, RawComm, Window, MEM_GRANULARITY, MIN_NCCL_VERSION,
+    AtDeadline, Backend, BackendError, CommProgress, DeadlineAction, RawComm, Wait, Window,
+    MAX_AGREEMENT_WORDS, MEM_GRANULARITY, MIN_NCCL_VERSION, NCCL_IN_PROGRESS,
     NCCL_WIN_COLL_SYMMETRIC, WINDOW_ALIGN,
 };
 pub use error::{AllocError, AttachError, DetachError, FreeError, RegisterError};
-pub use segment_registry::{CommId, Segment, WindowLookupError, WindowRef};
+pub use segment_registry::{
+    CommId, Digest, DigestRange, Divergence, Segment, WindowLookupError, WindowRef,
+};

@@ -185,6 +185,12 @@ stats_table! {
     /// vanished, or a segment released with no free pending. 0 unless the
     /// glue has a bug.
     orphans: counter,
+    /// Agreements (all-reduces of a digest) started by checked passes.
+    agreements: counter,
+    /// Checked passes that ended `Diverged` (nothing registered).
+    diverged: counter,
+    /// Checked passes whose agreement failed (its comm then failed).
+    agreement_failures: counter,
 }
 
 fn windows_live(s: &AllocatorStats, _: u64) -> u64 {

@@ -7,9 +7,12 @@
 mod fake;
 
 use std::thread;
+use std::time::Duration;
 
 use segment_registry_nccl::real::RealBackend;
-use segment_registry_nccl::Allocator;
+use segment_registry_nccl::{
+    Allocator, AtDeadline, Backend, BackendError, CommProgress, Wait, NCCL_WIN_COLL_SYMMETRIC,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -45,4 +48,77 @@ fn an_alloc_inside_a_free_of_its_address_loses_nothing() {
          blocks the fake still holds; last error: {:?}",
         al.last_async_error()
     );
+}
+
+/// The real backend's calls for checked comms and deadlines, on the fake's
+/// non-blocking comms (every call answers `ncclInProgress`, so the polling
+/// path runs): a non-blocking init, a split, the agreement's all-reduce,
+/// a window registered and deregistered; then a stalled registration that
+/// ends at its deadline by an abort from the polling thread, after which
+/// no call touches the comm, and NCCL freed its window.
+#[test]
+fn non_blocking_calls_poll_and_a_stalled_one_ends_by_an_abort_at_its_deadline() {
+    if !fake::in_child("non_blocking_calls_poll_and_a_stalled_one_ends_by_an_abort_at_its_deadline")
+    {
+        return;
+    }
+    let b = RealBackend::new().expect("the real backend on the fake library");
+    let fake = fake::Controls::load();
+    let parent = b
+        .comm_init_one_rank_nonblocking(0, &Wait::unbounded())
+        .expect("ncclCommInitRankConfig");
+    let child = b
+        .comm_split(parent, &Wait::unbounded())
+        .expect("ncclCommSplit");
+    assert_eq!(b.comm_async_error(child).unwrap(), CommProgress::Ready);
+    b.all_reduce_setup(child).unwrap();
+    let mut words = [3u64, u64::MAX, 0];
+    b.all_reduce_max_u64(child, &mut words, &Wait::unbounded())
+        .expect("ncclAllReduce uint64 max");
+    assert_eq!(
+        words,
+        [3, u64::MAX, 0],
+        "one rank: the max is its own words"
+    );
+    b.all_reduce_teardown(child);
+    b.comm_release(child, &Wait::unbounded())
+        .expect("finalize + destroy");
+
+    let p = b.mem_alloc(2 * MIB, 0).unwrap();
+    let q = b.mem_alloc(2 * MIB, 0).unwrap();
+    let w = b
+        .comm_window_register(parent, p, 2 * MIB, NCCL_WIN_COLL_SYMMETRIC)
+        .unwrap()
+        .expect("a window");
+    b.comm_window_deregister(parent, w).unwrap();
+    let kept = b
+        .comm_window_register(parent, q, 2 * MIB, NCCL_WIN_COLL_SYMMETRIC)
+        .unwrap();
+    assert!(kept.is_some());
+
+    fake.stall_next();
+    let abort = |_| {
+        b.comm_abort(parent).expect("ncclCommAbort");
+        AtDeadline::Aborted
+    };
+    let wait = Wait::new(Duration::from_millis(50), &abort);
+    let e = b
+        .comm_window_register_within(parent, p, 2 * MIB, NCCL_WIN_COLL_SYMMETRIC, &wait)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            BackendError::Timeout {
+                call: "ncclCommWindowRegister",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // One abort; no call after it; the window still registered on q was
+    // freed by NCCL inside the abort.
+    assert_eq!(fake.abort_stats(), (1, 0, 1));
+    b.mem_free(p).unwrap();
+    b.mem_free(q).unwrap();
+    assert_eq!(fake.outstanding(), (0, 0));
 }

@@ -20,6 +20,21 @@
  * that another thread's ncclMemAlloc lands inside that free, and can ask
  * what is still allocated (fake_nccl_outstanding).
  *
+ * Non-blocking comms (ncclCommInitRankConfig or ncclCommSplit with
+ * config.blocking = 0): every call on one does its work inside the call
+ * (waiting for peers like a blocking one) and then answers ncclInProgress;
+ * the next ncclCommGetAsyncError says ncclSuccess. That exercises the
+ * caller's polling; it is not NCCL's asynchrony. A test can make the next
+ * collective never complete (fake_nccl_stall_next): on a non-blocking comm
+ * ncclCommGetAsyncError then says ncclInProgress until ncclCommAbort; on a
+ * blocking one the call waits until fake_nccl_release_stalls. ncclCommAbort
+ * frees the comm's windows and keeps the comm's memory, marked, so that
+ * any later call on it (a use after free in NCCL) is counted
+ * (fake_nccl_abort_stats). ncclAllReduce knows float sums and uint64 max;
+ * ncclCommSplit knows one color per call site (NCCL_SPLIT_NOCOLOR gives
+ * no comm). The CUDA side adds streams (always idle: work is done inside
+ * the call) and cuMemAlloc (host memory).
+ *
  *   cc -shared -fPIC -O2 -o libfake.so fake_cuda_nccl.c
  */
 #define _GNU_SOURCE
@@ -91,21 +106,58 @@ CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
     memcpy(dst, (const void *)(uintptr_t)src, n);
     return 0;
 }
+typedef void *CUstream;
+CUresult cuStreamCreate(CUstream *s, unsigned flags) {
+    (void)flags;
+    *s = malloc(1);
+    return *s ? 0 : 2; /* out of memory */
+}
+CUresult cuStreamDestroy_v2(CUstream s) { free(s); return 0; }
+CUresult cuStreamQuery(CUstream s) { (void)s; return 0; }
+CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
+    void *m = calloc(1, n ? n : 1);
+    if (!m) return 2;
+    *p = (CUdeviceptr)(uintptr_t)m;
+    return 0;
+}
+CUresult cuMemFree_v2(CUdeviceptr p) { free((void *)(uintptr_t)p); return 0; }
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstream s) {
+    (void)s;
+    memcpy((void *)(uintptr_t)dst, src, n);
+    return 0;
+}
+CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstream s) {
+    (void)s;
+    memcpy(dst, (const void *)(uintptr_t)src, n);
+    return 0;
+}
 CUresult cuGetErrorString(CUresult e, const char **s) { (void)e; *s = "fake CUDA error"; return 0; }
 CUresult cuGetErrorName(CUresult e, const char **s) { (void)e; *s = "CUDA_ERROR_FAKE"; return 0; }
 
 /* ---------------------------------------------------------------- NCCL */
 
 typedef struct { char internal[128]; } ncclUniqueId;
+typedef struct fake_window fake_window;
 typedef struct {
     int nranks, rank, device;
     char tag[33];      /* hex of the id's random part: names the comm's files */
     unsigned long seq; /* collective calls so far */
     int windows;
+    fake_window *first; /* live windows */
+    int blocking;       /* 0: non-blocking (config.blocking = 0) */
+    int aborted;        /* ncclCommAbort ran: any later call is a use after free */
+    int pending;        /* non-blocking: 1 a call answered ncclInProgress, 2 it never completes */
+    unsigned long splits; /* children split off so far: names them */
 } fake_comm;
-typedef struct { fake_comm *comm; void *ptr; size_t size; } fake_window;
+struct fake_window { fake_comm *comm; void *ptr; size_t size; fake_window *next; };
+/* The prefix of ncclConfig_t that the fake reads. */
+typedef struct { size_t size; unsigned magic, version; int blocking; } fake_config;
 
-enum { ncclSuccess = 0, ncclSystemError = 2, ncclInvalidArgument = 4, ncclInvalidUsage = 5 };
+enum {
+    ncclSuccess = 0, ncclSystemError = 2, ncclInvalidArgument = 4, ncclInvalidUsage = 5,
+    ncclInProgress = 7
+};
+enum { ncclUint64 = 5, ncclFloat32 = 7, ncclSum = 0, ncclMax = 2 };
 
 static struct { void *ptr; size_t size; } allocs[MAX_ALLOCS];
 static char last_error[256];
@@ -182,6 +234,58 @@ static int collect(const fake_comm *c, unsigned long seq, int r, void *data, siz
     }
 }
 
+/* Test controls' state for stalls and aborts (see the end); guarded by mu. */
+static int stall_armed;
+static unsigned long stall_epoch;
+static size_t aborts, calls_after_abort, windows_freed_by_abort;
+static pthread_cond_t stall_cv = PTHREAD_COND_INITIALIZER;
+
+/* 0 if `c` may be used; else counts a use after abort and returns an error. */
+static int check_live(const fake_comm *c) {
+    if (!c) return ncclInvalidArgument;
+    if (!c->aborted) return 0;
+    pthread_mutex_lock(&mu);
+    calls_after_abort++;
+    pthread_mutex_unlock(&mu);
+    snprintf(last_error, sizeof last_error, "call on a comm after ncclCommAbort");
+    return ncclInvalidUsage;
+}
+
+/* Consumes an armed stall. On a non-blocking comm the call then answers
+ * ncclInProgress for ever (until abort): returns 1. On a blocking one it
+ * waits for fake_nccl_release_stalls and fails: returns -1. */
+static int take_stall(fake_comm *c) {
+    pthread_mutex_lock(&mu);
+    int armed = stall_armed;
+    stall_armed = 0;
+    if (armed && c->blocking) {
+        unsigned long epoch = stall_epoch;
+        while (stall_epoch == epoch) pthread_cond_wait(&stall_cv, &mu);
+    }
+    pthread_mutex_unlock(&mu);
+    if (!armed) return 0;
+    if (c->blocking) {
+        snprintf(last_error, sizeof last_error, "stalled call released by the test");
+        return -1;
+    }
+    c->pending = 2;
+    return 1;
+}
+
+/* The answer of a call that completed: ncclInProgress on a non-blocking
+ * comm (the next poll says success), else success. */
+static int done(fake_comm *c) {
+    if (c->blocking) return ncclSuccess;
+    c->pending = 1;
+    return ncclInProgress;
+}
+
+/* Whether `config` asks for a non-blocking comm. */
+static int wants_nonblocking(const void *config) {
+    const fake_config *cfg = config;
+    return cfg && cfg->magic == 0xcafebeef && cfg->blocking == 0;
+}
+
 int ncclCommInitRank(fake_comm **out, int nranks, ncclUniqueId id, int rank) {
     if (nranks < 1 || rank < 0 || rank >= nranks || memcmp(id.internal, "FAKE", 4) != 0)
         return ncclInvalidArgument;
@@ -189,6 +293,7 @@ int ncclCommInitRank(fake_comm **out, int nranks, ncclUniqueId id, int rank) {
     if (!c) return ncclSystemError;
     c->nranks = nranks;
     c->rank = rank;
+    c->blocking = 1;
     c->device = current ? (int)((char *)current - contexts) : 0;
     for (int i = 0; i < 16; i++)
         sprintf(c->tag + 2 * i, "%02x", (unsigned char)id.internal[4 + i]);
@@ -204,10 +309,103 @@ int ncclCommInitRank(fake_comm **out, int nranks, ncclUniqueId id, int rank) {
     return 0;
 }
 
-int ncclCommDestroy(fake_comm *c) { free(c); return 0; }
-int ncclCommCount(const fake_comm *c, int *n) { *n = c->nranks; return 0; }
-int ncclCommUserRank(const fake_comm *c, int *r) { *r = c->rank; return 0; }
-int ncclCommCuDevice(const fake_comm *c, int *d) { *d = c->device; return 0; }
+int ncclCommInitRankConfig(fake_comm **out, int nranks, ncclUniqueId id, int rank, void *config) {
+    int rc = ncclCommInitRank(out, nranks, id, rank);
+    if (rc || !wants_nonblocking(config)) return rc;
+    (*out)->blocking = 0;
+    return done(*out);
+}
+
+/* Frees the windows still on `c`. */
+static void free_windows(fake_comm *c) {
+    while (c->first) {
+        fake_window *w = c->first;
+        c->first = w->next;
+        free(w);
+        c->windows--;
+        pthread_mutex_lock(&mu);
+        windows_freed_by_abort++;
+        pthread_mutex_unlock(&mu);
+    }
+}
+
+int ncclCommDestroy(fake_comm *c) {
+    int rc = check_live(c);
+    if (rc) return rc;
+    while (c->first) {
+        fake_window *w = c->first;
+        c->first = w->next;
+        free(w);
+    }
+    free(c);
+    return 0;
+}
+/* Frees the comm's windows; the comm's memory stays (marked aborted). */
+int ncclCommAbort(fake_comm *c) {
+    int rc = check_live(c);
+    if (rc) return rc;
+    c->aborted = 1;
+    free_windows(c);
+    pthread_mutex_lock(&mu);
+    aborts++;
+    pthread_mutex_unlock(&mu);
+    return 0;
+}
+int ncclCommFinalize(fake_comm *c) {
+    int rc = check_live(c);
+    return rc ? rc : done(c);
+}
+int ncclCommGetAsyncError(fake_comm *c, int *state) {
+    int rc = check_live(c);
+    if (rc) return rc;
+    *state = c->pending == 2 ? ncclInProgress : ncclSuccess;
+    if (c->pending == 1) c->pending = 0;
+    return 0;
+}
+int ncclCommCount(const fake_comm *c, int *n) {
+    int rc = check_live(c);
+    if (rc == 0) *n = c->nranks;
+    return rc;
+}
+int ncclCommUserRank(const fake_comm *c, int *r) {
+    int rc = check_live(c);
+    if (rc == 0) *r = c->rank;
+    return rc;
+}
+int ncclCommCuDevice(const fake_comm *c, int *d) {
+    int rc = check_live(c);
+    if (rc == 0) *d = c->device;
+    return rc;
+}
+
+/* Collective on `parent`: every rank gives (color, key); the ranks of one
+ * color form a child, ordered by key then parent rank. */
+int ncclCommSplit(fake_comm *parent, int color, int key, fake_comm **out, void *config) {
+    int rc = check_live(parent);
+    if (rc || !out) return rc ? rc : ncclInvalidArgument;
+    unsigned long seq = parent->seq++;
+    int mine[2] = {color, key}, theirs[2];
+    rc = publish(parent, seq, mine, sizeof mine);
+    int n = 0, pos = 0;
+    for (int r = 0; rc == 0 && r < parent->nranks; r++) {
+        rc = collect(parent, seq, r, theirs, sizeof theirs);
+        if (rc || color < 0 || theirs[0] != color) continue;
+        n++;
+        if (theirs[1] < key || (theirs[1] == key && r < parent->rank)) pos++;
+    }
+    if (rc) return rc;
+    unsigned long nth = parent->splits++;
+    if (color < 0) { *out = NULL; return 0; }
+    fake_comm *c = calloc(1, sizeof *c);
+    if (!c) return ncclSystemError;
+    c->nranks = n;
+    c->rank = pos;
+    c->device = parent->device;
+    c->blocking = config ? !wants_nonblocking(config) : parent->blocking;
+    snprintf(c->tag, sizeof c->tag, "%.16s%08lx%08x", parent->tag, nth, (unsigned)color);
+    *out = c;
+    return done(c);
+}
 
 /* Freed blocks kept for reuse, the last freed on top. */
 static struct { void *ptr; size_t size; } spare[MAX_SPARE];
@@ -296,7 +494,10 @@ int ncclMemFree(void *ptr) {
 /* Collective: every rank registers a buffer of the same size. */
 int ncclCommWindowRegister(fake_comm *c, void *buff, size_t size, fake_window **win, int flags) {
     (void)flags;
-    if (!c || !win) return ncclInvalidArgument;
+    int rc0 = check_live(c);
+    if (rc0 || !win) return rc0 ? rc0 : ncclInvalidArgument;
+    int stalled = take_stall(c);
+    if (stalled) return stalled > 0 ? ncclInProgress : ncclSystemError;
     unsigned long seq = c->seq++;
     uint64_t mine = size, theirs;
     int rc = publish(c, seq, &mine, sizeof mine);
@@ -315,37 +516,63 @@ int ncclCommWindowRegister(fake_comm *c, void *buff, size_t size, fake_window **
     w->comm = c;
     w->ptr = buff;
     w->size = size;
+    w->next = c->first;
+    c->first = w;
     c->windows++;
     *win = w;
-    return 0;
+    return done(c);
 }
 
 int ncclCommWindowDeregister(fake_comm *c, fake_window *w) {
-    if (!c || !w || w->comm != c) return ncclInvalidArgument;
+    int rc = check_live(c);
+    if (rc || !w || w->comm != c) return rc ? rc : ncclInvalidArgument;
+    fake_window **at = &c->first;
+    while (*at && *at != w) at = &(*at)->next;
+    if (!*at) return ncclInvalidArgument;
+    *at = w->next;
     c->windows--;
     free(w);
-    return 0;
+    return done(c);
 }
 
-/* Collective sum of floats (ncclFloat32 = 7, ncclSum = 0 only). */
+/* Collective: a sum of floats (ncclFloat32, ncclSum) or a max of uint64
+ * (ncclUint64, ncclMax). */
 int ncclAllReduce(const void *src, void *dst, size_t count, int dtype, int op, fake_comm *c,
                   void *stream) {
     (void)stream;
-    if (dtype != 7 || op != 0 || !c) return ncclInvalidArgument;
+    int floats = dtype == ncclFloat32 && op == ncclSum;
+    int words = dtype == ncclUint64 && op == ncclMax;
+    int rc = check_live(c);
+    if (rc || (!floats && !words)) return rc ? rc : ncclInvalidArgument;
+    int stalled = take_stall(c);
+    if (stalled) return stalled > 0 ? ncclInProgress : ncclSystemError;
     unsigned long seq = c->seq++;
-    size_t bytes = count * sizeof(float);
-    int rc = publish(c, seq, src, bytes);
+    size_t elem = floats ? sizeof(float) : sizeof(uint64_t), bytes = count * elem;
+    rc = publish(c, seq, src, bytes);
     if (rc) return rc;
-    float *sum = calloc(count, sizeof(float)), *part = malloc(bytes ? bytes : 1);
-    if (!sum || !part) { free(sum); free(part); return ncclSystemError; }
+    unsigned char *acc = calloc(count ? count : 1, elem), *part = malloc(bytes ? bytes : 1);
+    if (!acc || !part) { free(acc); free(part); return ncclSystemError; }
     for (int r = 0; rc == 0 && r < c->nranks; r++) {
         rc = collect(c, seq, r, part, bytes);
-        for (size_t i = 0; rc == 0 && i < count; i++) sum[i] += part[i];
+        for (size_t i = 0; rc == 0 && i < count; i++) {
+            if (floats) {
+                float a, b;
+                memcpy(&a, acc + i * elem, elem);
+                memcpy(&b, part + i * elem, elem);
+                a += b;
+                memcpy(acc + i * elem, &a, elem);
+            } else {
+                uint64_t a, b;
+                memcpy(&a, acc + i * elem, elem);
+                memcpy(&b, part + i * elem, elem);
+                if (b > a) memcpy(acc + i * elem, &b, elem);
+            }
+        }
     }
-    if (rc == 0) memcpy(dst, sum, bytes);
-    free(sum);
+    if (rc == 0) memcpy(dst, acc, bytes);
+    free(acc);
     free(part);
-    return rc;
+    return rc ? rc : done(c);
 }
 
 /* ------------------------------------------------------- test controls */
@@ -387,5 +614,35 @@ void fake_nccl_outstanding(size_t *bytes, size_t *blocks) {
     for (int i = 0; i < MAX_ALLOCS; i++) n += allocs[i].ptr != NULL;
     *bytes = allocated;
     *blocks = n;
+    pthread_mutex_unlock(&mu);
+}
+
+/* Arms a stall: the next collective (ncclCommWindowRegister,
+ * ncclAllReduce) on any comm never completes: on a non-blocking comm it
+ * answers ncclInProgress until ncclCommAbort; on a blocking one it waits
+ * for fake_nccl_release_stalls, then fails. */
+void fake_nccl_stall_next(void) {
+    pthread_mutex_lock(&mu);
+    stall_armed = 1;
+    pthread_mutex_unlock(&mu);
+}
+
+/* Ends a stalled call on a blocking comm (with an error), and disarms a
+ * stall not taken yet. */
+void fake_nccl_release_stalls(void) {
+    pthread_mutex_lock(&mu);
+    stall_armed = 0;
+    stall_epoch++;
+    pthread_cond_broadcast(&stall_cv);
+    pthread_mutex_unlock(&mu);
+}
+
+/* ncclCommAbort calls, calls on a comm after its abort (use after free in
+ * NCCL), and windows freed by aborts. */
+void fake_nccl_abort_stats(size_t *n_aborts, size_t *after_abort, size_t *windows_freed) {
+    pthread_mutex_lock(&mu);
+    *n_aborts = aborts;
+    *after_abort = calls_after_abort;
+    *windows_freed = windows_freed_by_abort;
     pthread_mutex_unlock(&mu);
 }

@@ -3,9 +3,11 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use segment_registry::CommId;
 
+use super::checked::{Agreement, AttachOptions, CommOwner};
 use super::free::Deferred;
 use super::Allocator;
 use crate::backend::{Backend, RawComm};
@@ -43,11 +45,21 @@ pub(super) struct CommEntry {
     pub(super) stuck: Mutex<Vec<Deferred>>,
     pub(super) saw_window: AtomicBool,
     pub(super) saw_null_window: AtomicBool,
+    /// Who may end a call on the comm at its deadline, and how.
+    pub(super) owner: CommOwner,
+    /// Every collective call on the comm ends by this long after it began
+    /// (or, on a blocking borrowed comm, is reported).
+    pub(super) deadline: Duration,
+    /// The private agreement comm of a checked comm.
+    pub(super) agreement: Option<Agreement>,
 }
 
 impl CommEntry {
-    fn new(id: CommId, raw: RawComm) -> Self {
+    fn new(id: CommId, raw: RawComm, opts: AttachOptions, agreement: Option<Agreement>) -> Self {
         CommEntry {
+            deadline: opts.resolved_deadline(),
+            owner: opts.owner,
+            agreement,
             id,
             raw,
             gate: Gate::new(),
@@ -87,23 +99,59 @@ impl CommEntry {
 }
 
 impl<B: Backend> Allocator<B> {
-    /// Attaches a comm by its raw handle. The id returned is never reused;
-    /// the comm's first pass registers every live segment.
+    /// Attaches a comm by its raw handle, as today: unchecked, borrowed
+    /// and blocking (never aborted), with the deadline of
+    /// `SEGREG_DEADLINE_MS` for stall reports. The id returned is never
+    /// reused; the comm's first pass registers every live segment. Makes
+    /// no NCCL call. See [`attach_with`](Self::attach_with) for checked
+    /// comms and deadlines.
     pub fn attach(&self, comm: RawComm) -> Result<CommId, AttachError> {
+        self.attach_with(comm, AttachOptions::new())
+    }
+
+    /// Attaches a comm with `opts`. A checked attach splits a private
+    /// agreement comm from `comm` (a collective on `comm`: every rank
+    /// attaches it at the same program point, on the thread that issues
+    /// that group's collectives), sets up its buffer and warms its
+    /// all-reduce up; if any of that fails, or ends at the deadline,
+    /// nothing is attached ([`AttachError::Agreement`]).
+    pub fn attach_with(&self, comm: RawComm, opts: AttachOptions) -> Result<CommId, AttachError> {
         if comm.is_null() {
             return Err(AttachError::NullComm);
         }
+        self.refuse_attached(&read(&self.comms), comm)?;
+        let agreement = if opts.is_checked() {
+            Some(self.open_agreement(comm, opts.resolved_deadline())?)
+        } else {
+            None
+        };
         let mut table = write(&self.comms);
-        if let Some(e) = table.values().find(|e| e.raw == comm) {
-            return Err(AttachError::AlreadyAttached {
-                raw: comm,
-                comm: e.id,
-            });
+        if let Err(e) = self.refuse_attached(&table, comm) {
+            drop(table);
+            if let Some(a) = agreement {
+                self.close_agreement(&a, opts.resolved_deadline());
+            }
+            return Err(e);
         }
         let id = self.registry.attach(comm);
-        table.insert(id, Arc::new(CommEntry::new(id, comm)));
+        table.insert(id, Arc::new(CommEntry::new(id, comm, opts, agreement)));
         self.raw_index.insert(comm, id);
         Ok(id)
+    }
+
+    /// `AlreadyAttached` if a live entry of `table` has the handle.
+    fn refuse_attached(
+        &self,
+        table: &std::collections::BTreeMap<CommId, Arc<CommEntry>>,
+        comm: RawComm,
+    ) -> Result<(), AttachError> {
+        match table.values().find(|e| e.raw == comm) {
+            Some(e) => Err(AttachError::AlreadyAttached {
+                raw: comm,
+                comm: e.id,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The id of an attached raw handle.

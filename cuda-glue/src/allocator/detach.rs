@@ -23,7 +23,9 @@ pub struct DetachReport {
 impl<B: Backend> Allocator<B> {
     /// Detaches a comm: waits for a pass running on it, deregisters every
     /// window it holds, and makes sure no free still has one queued or in
-    /// hand. Required before the comm is destroyed. On
+    /// hand; a checked comm's private agreement comm is then destroyed
+    /// (call it at the same point on every rank). Required before the comm
+    /// is destroyed. On
     /// [`DetachError::Incomplete`] the comm stays attached (no passes) and
     /// detach can be called again.
     pub fn detach(&self, comm: CommId) -> Result<DetachReport, DetachError> {
@@ -53,6 +55,11 @@ impl<B: Backend> Allocator<B> {
         table.remove(&comm);
         self.raw_index.remove(entry.raw);
         drop(table);
+        if let Some(a) = &entry.agreement {
+            // The private comm goes with it (at the same program point on
+            // every rank, as the attach).
+            self.close_agreement(a, entry.deadline);
+        }
         Ok(DetachReport { comm, deregistered })
     }
 

@@ -43,6 +43,7 @@
 //! its deregistration began). [`Allocator::window_of_raw`] does the same
 //! for a raw `ncclComm_t`, through a lock-free index of attached handles.
 
+mod checked;
 mod comm;
 mod detach;
 mod free;
@@ -57,6 +58,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use segment_registry::{CommId, Registry, Segment};
 
 pub use crate::stats::AllocatorStats;
+pub use checked::{
+    deadline_from_env, AbortHook, AttachOptions, CommOwner, TestFaults, DEADLINE_ENV,
+    DEFAULT_DEADLINE,
+};
 pub use comm::CommState;
 pub use detach::DetachReport;
 pub use free::FreeReport;
@@ -101,6 +106,8 @@ pub struct Allocator<B: Backend> {
     held_frees: Mutex<HashMap<(usize, u64), Arc<PendingFree>>>,
     counters: Counters,
     last_error: Mutex<Option<String>>,
+    /// The negative controls' switches (tests only; all off otherwise).
+    faults: TestFaults,
 }
 
 impl<B: Backend> std::fmt::Debug for Allocator<B> {
@@ -122,6 +129,7 @@ impl<B: Backend> Allocator<B> {
             held_frees: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             last_error: Mutex::new(None),
+            faults: TestFaults::default(),
         }
     }
 

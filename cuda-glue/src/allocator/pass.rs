@@ -34,6 +34,19 @@ pub struct PassSummary {
     pub handed_back: usize,
 }
 
+impl PassSummary {
+    /// A pass that registered nothing.
+    fn empty(comm: CommId) -> Self {
+        PassSummary {
+            comm,
+            registered: Vec::new(),
+            windows: 0,
+            null_windows: 0,
+            handed_back: 0,
+        }
+    }
+}
+
 /// Registrations of one pass that returned a window, and a null one.
 #[derive(Default)]
 struct Tally {
@@ -47,19 +60,43 @@ impl<B: Backend> Allocator<B> {
     /// track order. Segments freed while the pass holds them are still
     /// registered, then deregistered and freed by the pass.
     ///
+    /// On a checked comm the pass first agrees with every rank on a digest
+    /// of what it would register (also when nothing is pending), over the
+    /// comm's private agreement comm, and registers only if every rank's
+    /// digest is the same: else [`RegisterError::Diverged`] on every rank,
+    /// nothing registered, the comm healthy. A checked pass on a failed
+    /// comm abstains (its peers get `Diverged` at once) and returns
+    /// [`RegisterError::Failed`].
+    ///
+    /// Call it on the thread that issues the comm's collectives, at the
+    /// same program point on every rank.
+    ///
     /// A failed registration marks the comm failed: this pass and every
     /// later one return an error, and only [`detach`](Self::detach) is
     /// allowed. A second pass on the same comm meanwhile gets
     /// [`RegisterError::Busy`].
     pub fn register(&self, comm: CommId) -> Result<PassSummary, RegisterError> {
         let entry = self.entry(comm).ok_or(RegisterError::NotAttached(comm))?;
-        let _pass = claim_pass(&entry)?;
+        let _pass = claim_pass(&entry).map_err(|e| self.refused(&entry, e))?;
         bump(&self.counters.passes);
         self.retry_stuck(&entry);
         let mut tally = Tally::default();
-        let result = self.registry.register_pending(comm, |raw, seg| {
-            self.register_one(&entry, *raw, *seg, &mut tally)
-        });
+        let result = match &entry.agreement {
+            None => self.registry.register_pending(comm, |raw, seg| {
+                self.register_one(&entry, *raw, *seg, &mut tally)
+            }),
+            Some(a) => {
+                if self.faults.skip_agree_when_empty && self.registry.pending(comm) == Ok(0) {
+                    // The broken variant: a local shortcut the peers never see.
+                    return Ok(PassSummary::empty(comm));
+                }
+                self.registry.register_pending_checked(
+                    comm,
+                    |_, d| self.agree(&entry, a, d),
+                    |raw, seg| self.register_one(&entry, *raw, *seg, &mut tally),
+                )
+            }
+        };
         let (report, error) = match result {
             Ok(report) => (report, None),
             Err(PassFailure { error, report }) => (report, Some(error)),
@@ -77,6 +114,19 @@ impl<B: Backend> Allocator<B> {
             None => Ok(summary),
             Some(e) => Err(self.pass_error(&entry, e)),
         }
+    }
+
+    /// A pass refused before it began (`claim_pass` failed, the pass lock
+    /// held): a checked comm that failed abstains, so that its peers fail
+    /// at once instead of at their deadline.
+    fn refused(&self, entry: &CommEntry, (error, pass): Refusal<'_>) -> RegisterError {
+        if let (RegisterError::Failed { .. }, Some(_held)) = (&error, pass) {
+            let live = entry.agreement.as_ref().is_some_and(|a| a.lost().is_none());
+            if live && !self.faults.no_abstain_when_failed {
+                let _ = self.abstain_locked(entry);
+            }
+        }
+        error
     }
 
     /// One collective `ncclCommWindowRegister`, through the comm's gate.
@@ -123,7 +173,11 @@ impl<B: Backend> Allocator<B> {
 
     /// The error of a pass that stopped; a failed registration marks the
     /// comm failed.
-    fn pass_error(&self, entry: &CommEntry, error: RegPassError<BackendError>) -> RegisterError {
+    pub(super) fn pass_error(
+        &self,
+        entry: &CommEntry,
+        error: RegPassError<BackendError>,
+    ) -> RegisterError {
         match error {
             RegPassError::Callback { segment, error } => {
                 bump(&self.counters.register_failures);
@@ -138,9 +192,17 @@ impl<B: Backend> Allocator<B> {
             RegPassError::Comm(CommError::NotAttached(c)) | RegPassError::Forgotten(c) => {
                 RegisterError::NotAttached(c)
             }
-            // The allocator runs unchecked passes only (so far).
-            RegPassError::Diverged(_) | RegPassError::Agreement { .. } => {
-                unreachable!("an unchecked pass never diverges")
+            RegPassError::Diverged(d) => {
+                bump(&self.counters.diverged);
+                RegisterError::Diverged(d)
+            }
+            RegPassError::Agreement { comm, error } => {
+                bump(&self.counters.agreement_failures);
+                entry.fail(format!("the agreement before registering failed: {error}"));
+                RegisterError::Agreement {
+                    comm,
+                    source: error,
+                }
             }
         }
     }
@@ -148,7 +210,7 @@ impl<B: Backend> Allocator<B> {
     /// Acts on a pass's report: deregisters hand-backs (then releases
     /// their holds) and counts down segments whose last hold the pass
     /// released.
-    fn settle(&self, entry: &CommEntry, report: PassReport<'_, Window>) {
+    pub(super) fn settle(&self, entry: &CommEntry, report: PassReport<'_, Window>) {
         for hb in report.handed_back {
             bump(&self.counters.handed_back);
             self.hand_back(entry, hb.segment, hb.window, hb.hold);
@@ -226,20 +288,26 @@ impl<B: Backend> Allocator<B> {
     }
 }
 
+/// Why [`claim_pass`] refused, with the pass lock if it was taken.
+type Refusal<'a> = (RegisterError, Option<MutexGuard<'a, ()>>);
+
 /// Takes the comm's pass lock (a second pass gets `Busy`) and checks that
 /// passes are allowed.
-fn claim_pass(entry: &CommEntry) -> Result<MutexGuard<'_, ()>, RegisterError> {
+fn claim_pass(entry: &CommEntry) -> Result<MutexGuard<'_, ()>, Refusal<'_>> {
     let pass = match entry.pass_lock.try_lock() {
         Ok(g) => g,
-        Err(TryLockError::WouldBlock) => return Err(RegisterError::Busy(entry.id)),
+        Err(TryLockError::WouldBlock) => return Err((RegisterError::Busy(entry.id), None)),
         Err(TryLockError::Poisoned(p)) => p.into_inner(),
     };
     match entry.state() {
         ACTIVE => Ok(pass),
-        FAILED => Err(RegisterError::Failed {
-            comm: entry.id,
-            reason: lock(&entry.failure).clone().unwrap_or_default(),
-        }),
-        _ => Err(RegisterError::NotAttached(entry.id)),
+        FAILED => Err((
+            RegisterError::Failed {
+                comm: entry.id,
+                reason: lock(&entry.failure).clone().unwrap_or_default(),
+            },
+            Some(pass),
+        )),
+        _ => Err((RegisterError::NotAttached(entry.id), Some(pass))),
     }
 }

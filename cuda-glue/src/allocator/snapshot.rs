@@ -4,9 +4,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use segment_registry::CommId;
 
+use super::checked::CommOwner;
 use super::comm::{CommEntry, CommState};
 use super::Allocator;
 use crate::backend::{Backend, RawComm};
@@ -36,6 +38,14 @@ pub struct CommInfo {
     pub stuck: usize,
     /// Deregistrations queued behind a call in flight.
     pub queued: usize,
+    /// Whether its passes are checked (agree before they register).
+    pub checked: bool,
+    /// The deadline of each collective call on it.
+    pub deadline: Duration,
+    /// Whether a call past its deadline can be ended (an owned comm, or a
+    /// borrowed non-blocking one with an abort hook); else it is only
+    /// reported.
+    pub abortable: bool,
 }
 
 impl<B: Backend> Allocator<B> {
@@ -70,6 +80,9 @@ impl<B: Backend> Allocator<B> {
                     failure: lock(&e.failure).clone(),
                     stuck,
                     queued: e.gate.queued(),
+                    checked: e.agreement.is_some(),
+                    deadline: e.deadline,
+                    abortable: !matches!(e.owner, CommOwner::Borrowed),
                 }
             })
             .collect();

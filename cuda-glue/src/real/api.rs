@@ -10,10 +10,12 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::OnceLock;
 
 use cudarc::nccl::sys::{
-    cudaStream_t, ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId, ncclWindow_t,
+    cudaStream_t, ncclComm_t, ncclConfig_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId, ncclWindow_t,
 };
 
-use crate::backend::{BackendError, MIN_NCCL_VERSION};
+use crate::backend::{
+    AtDeadline, BackendError, CommProgress, RawComm, Wait, MIN_NCCL_VERSION, NCCL_IN_PROGRESS,
+};
 
 type GetVersionFn = unsafe extern "C" fn(*mut c_int) -> c_int;
 type MemAllocFn = unsafe extern "C" fn(*mut *mut c_void, usize) -> c_int;
@@ -36,8 +38,52 @@ type AllReduceFn = unsafe extern "C" fn(
     ncclComm_t,
     cudaStream_t,
 ) -> c_int;
-/// `ncclCommCuDevice`, `ncclCommCount` and `ncclCommUserRank`.
+/// `ncclCommCuDevice`, `ncclCommCount`, `ncclCommUserRank`, and
+/// `ncclCommGetAsyncError` (whose `ncclResult_t*` is read as an `int*`).
 type CommQueryFn = unsafe extern "C" fn(ncclComm_t, *mut c_int) -> c_int;
+/// `ncclCommSplit(comm, color, key, newcomm, config)`.
+type CommSplitFn =
+    unsafe extern "C" fn(ncclComm_t, c_int, c_int, *mut ncclComm_t, *mut ncclConfig_t) -> c_int;
+/// `ncclCommInitRankConfig(newcomm, nranks, id, rank, config)`.
+type CommInitRankConfigFn =
+    unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int, *mut ncclConfig_t) -> c_int;
+/// `ncclCommAbort`, `ncclCommFinalize`.
+type CommFn = unsafe extern "C" fn(ncclComm_t) -> c_int;
+
+/// `NCCL_CONFIG_UNDEF_INT`: "let NCCL choose".
+const CONFIG_UNDEF_INT: c_int = c_int::MIN;
+/// The `magic` of an initialized `ncclConfig_t`.
+const CONFIG_MAGIC: u32 = 0xcafe_beef;
+/// The version of the `ncclConfig_t` layout cudarc's `nccl-02028` bindings
+/// describe (2.28.0): NCCL reads only the fields that version has.
+const CONFIG_VERSION: u32 = 22800;
+/// `ncclUint64` and `ncclMax`, as C ints.
+const UINT64: c_int = ncclDataType_t::ncclUint64 as c_int;
+const MAX: c_int = ncclRedOp_t::ncclMax as c_int;
+
+/// `NCCL_CONFIG_INITIALIZER` with `blocking = 0`: a non-blocking comm,
+/// every other field left to NCCL.
+pub(super) fn nonblocking_config() -> ncclConfig_t {
+    ncclConfig_t {
+        size: std::mem::size_of::<ncclConfig_t>(),
+        magic: CONFIG_MAGIC,
+        version: CONFIG_VERSION,
+        blocking: 0,
+        cgaClusterSize: CONFIG_UNDEF_INT,
+        minCTAs: CONFIG_UNDEF_INT,
+        maxCTAs: CONFIG_UNDEF_INT,
+        netName: std::ptr::null(),
+        splitShare: CONFIG_UNDEF_INT,
+        trafficClass: CONFIG_UNDEF_INT,
+        commName: std::ptr::null(),
+        collnetEnable: CONFIG_UNDEF_INT,
+        CTAPolicy: CONFIG_UNDEF_INT,
+        shrinkShare: CONFIG_UNDEF_INT,
+        nvlsCTAs: CONFIG_UNDEF_INT,
+        nChannelsPerNetPeer: CONFIG_UNDEF_INT,
+        nvlinkCentricSched: CONFIG_UNDEF_INT,
+    }
+}
 
 /// The NCCL entry points the glue uses, resolved once.
 #[derive(Clone, Copy)]
@@ -59,6 +105,12 @@ pub(super) struct NcclApi {
     all_reduce: Option<AllReduceFn>,
     comm_count: Option<CommQueryFn>,
     comm_user_rank: Option<CommQueryFn>,
+    // Used only by checked comms and deadlines: optional as above.
+    comm_split: Option<CommSplitFn>,
+    comm_init_rank_config: Option<CommInitRankConfigFn>,
+    comm_abort: Option<CommFn>,
+    comm_finalize: Option<CommFn>,
+    comm_get_async_error: Option<CommQueryFn>,
 }
 
 /// The NCCL library: cudarc's loader if it finds one of its candidate names
@@ -148,6 +200,11 @@ impl NcclApi {
             all_reduce: sym!(lib, "ncclAllReduce").ok(),
             comm_count: sym!(lib, "ncclCommCount").ok(),
             comm_user_rank: sym!(lib, "ncclCommUserRank").ok(),
+            comm_split: sym!(lib, "ncclCommSplit").ok(),
+            comm_init_rank_config: sym!(lib, "ncclCommInitRankConfig").ok(),
+            comm_abort: sym!(lib, "ncclCommAbort").ok(),
+            comm_finalize: sym!(lib, "ncclCommFinalize").ok(),
+            comm_get_async_error: sym!(lib, "ncclCommGetAsyncError").ok(),
         };
         let version = api.version()?;
         if version < MIN_NCCL_VERSION {
@@ -216,41 +273,6 @@ impl NcclApi {
     pub(super) unsafe fn mem_free(&self, ptr: *mut c_void) -> Result<(), BackendError> {
         // SAFETY: the caller's guarantee.
         self.result("ncclMemFree", unsafe { (self.mem_free)(ptr) }, None)
-    }
-
-    /// `ncclCommWindowRegister` (collective); a null window means no
-    /// symmetric support.
-    ///
-    /// # Safety
-    /// `comm` is a live comm of this process; `[ptr, ptr + size)` is
-    /// `ncclMemAlloc` memory.
-    pub(super) unsafe fn window_register(
-        &self,
-        comm: ncclComm_t,
-        ptr: *mut c_void,
-        size: usize,
-        flags: c_int,
-    ) -> Result<ncclWindow_t, BackendError> {
-        let mut win: ncclWindow_t = std::ptr::null_mut();
-        // SAFETY: the caller's guarantee; valid out-pointer.
-        let rc = unsafe { (self.win_register)(comm, ptr, size, &mut win, flags) };
-        self.result("ncclCommWindowRegister", rc, Some(comm))?;
-        Ok(win)
-    }
-
-    /// `ncclCommWindowDeregister`.
-    ///
-    /// # Safety
-    /// `win` was returned by `ncclCommWindowRegister` on the live `comm`
-    /// and is not deregistered yet.
-    pub(super) unsafe fn window_deregister(
-        &self,
-        comm: ncclComm_t,
-        win: ncclWindow_t,
-    ) -> Result<(), BackendError> {
-        // SAFETY: the caller's guarantee.
-        let rc = unsafe { (self.win_deregister)(comm, win) };
-        self.result("ncclCommWindowDeregister", rc, Some(comm))
     }
 
     /// `ncclGetUniqueId`.
@@ -363,5 +385,292 @@ impl NcclApi {
         // SAFETY: the caller's guarantee; null stream: the default one.
         let rc = unsafe { f(src, dst, count, float, sum, comm, std::ptr::null_mut()) };
         self.result("ncclAllReduce", rc, Some(comm))
+    }
+
+    /// A call's return code on a comm that may be non-blocking: `Ok(true)`
+    /// if it is still in progress (`ncclInProgress`), `Ok(false)` if it
+    /// completed, else its error.
+    fn started(
+        &self,
+        call: &'static str,
+        rc: c_int,
+        comm: ncclComm_t,
+    ) -> Result<bool, BackendError> {
+        if rc == NCCL_IN_PROGRESS {
+            return Ok(true);
+        }
+        self.result(call, rc, Some(comm)).map(|()| false)
+    }
+
+    /// `ncclCommGetAsyncError`: ready, in progress, or the comm's error.
+    ///
+    /// # Safety
+    /// `comm` is a live comm of this process.
+    pub(super) unsafe fn async_error(
+        &self,
+        comm: ncclComm_t,
+    ) -> Result<CommProgress, BackendError> {
+        let f = present(self.comm_get_async_error, "ncclCommGetAsyncError")?;
+        let mut state: c_int = 0;
+        // SAFETY: the caller's guarantee; valid out-pointer (ncclResult_t is
+        // a C enum, int-sized).
+        let rc = unsafe { f(comm, &mut state) };
+        self.result("ncclCommGetAsyncError", rc, Some(comm))?;
+        match state {
+            0 => Ok(CommProgress::Ready),
+            NCCL_IN_PROGRESS => Ok(CommProgress::InProgress),
+            code => self
+                .result("ncclCommGetAsyncError", code, Some(comm))
+                .map(|()| CommProgress::Ready),
+        }
+    }
+
+    /// Polls `comm` (`ncclCommGetAsyncError`) from the calling thread until
+    /// the call that answered `ncclInProgress` completes, asking `wait`
+    /// between polls. If `wait`'s action aborted the comm: `Timeout`, and
+    /// the comm is not touched again.
+    ///
+    /// # Safety
+    /// `comm` is a live comm of this process (it may be freed by `wait`'s
+    /// action, after which it is not used).
+    pub(super) unsafe fn wait_done(
+        &self,
+        call: &'static str,
+        comm: ncclComm_t,
+        wait: &Wait<'_>,
+    ) -> Result<(), BackendError> {
+        loop {
+            // SAFETY: the caller's guarantee; not aborted yet (we return
+            // right after an abort below).
+            match unsafe { self.async_error(comm) }? {
+                CommProgress::Ready => return Ok(()),
+                CommProgress::InProgress => {}
+            }
+            if wait.check() == Some(AtDeadline::Aborted) {
+                return Err(wait.timeout(call, RawComm(comm as usize)));
+            }
+            std::thread::sleep(wait.poll_interval());
+        }
+    }
+
+    /// Polls a comm this process made itself (a split child, a
+    /// non-blocking init) until it is ready; at `wait`'s deadline aborts it
+    /// (it is ours) and answers `Timeout`. `wait`'s action is not run.
+    ///
+    /// # Safety
+    /// `comm` is a live comm made by this process that nobody else uses.
+    unsafe fn wait_own(
+        &self,
+        call: &'static str,
+        comm: ncclComm_t,
+        wait: &Wait<'_>,
+    ) -> Result<(), BackendError> {
+        loop {
+            // SAFETY: the caller's guarantee.
+            let progress = unsafe { self.async_error(comm) };
+            match progress {
+                Ok(CommProgress::Ready) => return Ok(()),
+                Ok(CommProgress::InProgress) if wait.remaining() != Some(Default::default()) => {
+                    std::thread::sleep(wait.poll_interval());
+                }
+                other => {
+                    // SAFETY: ours, unused by anyone else; never used after.
+                    let _ = unsafe { self.comm_abort(comm) };
+                    return match other {
+                        Err(e) => Err(e),
+                        Ok(_) => Err(wait.timeout(call, RawComm(comm as usize))),
+                    };
+                }
+            }
+        }
+    }
+
+    /// `ncclCommSplit(parent, 0, key, &child, {blocking = 0})`, the child
+    /// polled until ready (aborted at `wait`'s deadline).
+    ///
+    /// # Safety
+    /// `parent` is a live comm of this process, used by no other thread
+    /// during the call.
+    pub(super) unsafe fn comm_split(
+        &self,
+        parent: ncclComm_t,
+        key: c_int,
+        wait: &Wait<'_>,
+    ) -> Result<ncclComm_t, BackendError> {
+        let f = present(self.comm_split, "ncclCommSplit")?;
+        let mut config = nonblocking_config();
+        let mut child: ncclComm_t = std::ptr::null_mut();
+        // SAFETY: the caller's guarantee; valid out-pointer and config (NCCL
+        // copies the config during the call; `config` outlives the polling
+        // anyway).
+        let rc = unsafe { f(parent, 0, key, &mut child, &mut config) };
+        let in_progress = self.started("ncclCommSplit", rc, parent)?;
+        if child.is_null() {
+            return Err(BackendError::Nccl {
+                call: "ncclCommSplit",
+                code: rc,
+                message: "returned no child comm".into(),
+            });
+        }
+        if in_progress {
+            // SAFETY: the child is ours and unused elsewhere.
+            unsafe { self.wait_own("ncclCommSplit", child, wait) }?;
+        }
+        Ok(child)
+    }
+
+    /// `ncclCommInitRankConfig` with `blocking = 0` on the current device,
+    /// polled until ready (aborted at `wait`'s deadline).
+    pub(super) fn comm_init_rank_nonblocking(
+        &self,
+        nranks: c_int,
+        id: ncclUniqueId,
+        rank: c_int,
+        wait: &Wait<'_>,
+    ) -> Result<ncclComm_t, BackendError> {
+        let f = present(self.comm_init_rank_config, "ncclCommInitRankConfig")?;
+        let mut config = nonblocking_config();
+        let mut comm: ncclComm_t = std::ptr::null_mut();
+        // SAFETY: valid out-pointer and config; the id is passed by value as
+        // NCCL's prototype says; NCCL checks the rank against nranks.
+        let rc = unsafe { f(&mut comm, nranks, id, rank, &mut config) };
+        if rc != 0 && rc != NCCL_IN_PROGRESS {
+            self.result("ncclCommInitRankConfig", rc, None)?;
+        }
+        if comm.is_null() {
+            return Err(BackendError::Nccl {
+                call: "ncclCommInitRankConfig",
+                code: rc,
+                message: "returned no comm".into(),
+            });
+        }
+        if rc == NCCL_IN_PROGRESS {
+            // SAFETY: just made, ours.
+            unsafe { self.wait_own("ncclCommInitRankConfig", comm, wait) }?;
+        }
+        Ok(comm)
+    }
+
+    /// `ncclCommAbort`. NCCL frees the comm (and its windows) inside.
+    ///
+    /// # Safety
+    /// `comm` is a live comm of this process; no other thread is inside a
+    /// call on it unless the comm is non-blocking; never used afterwards.
+    pub(super) unsafe fn comm_abort(&self, comm: ncclComm_t) -> Result<(), BackendError> {
+        let f = present(self.comm_abort, "ncclCommAbort")?;
+        // SAFETY: the caller's guarantee.
+        let rc = unsafe { f(comm) };
+        // `ncclInProgress` would ask us to poll a comm that is freed: the
+        // abort is done as far as we may know.
+        if rc == NCCL_IN_PROGRESS {
+            return Ok(());
+        }
+        self.result("ncclCommAbort", rc, None)
+    }
+
+    /// `ncclCommFinalize` (polled; aborted at `wait`'s deadline) then
+    /// `ncclCommDestroy`.
+    ///
+    /// # Safety
+    /// `comm` is a live comm made by this process that no other thread
+    /// uses; never used afterwards.
+    pub(super) unsafe fn comm_finalize_destroy(
+        &self,
+        comm: ncclComm_t,
+        wait: &Wait<'_>,
+    ) -> Result<(), BackendError> {
+        if let Some(finalize) = self.comm_finalize {
+            // SAFETY: the caller's guarantee.
+            let rc = unsafe { finalize(comm) };
+            if self.started("ncclCommFinalize", rc, comm)? {
+                // SAFETY: ours; aborted (and not used again) at the deadline.
+                unsafe { self.wait_own("ncclCommFinalize", comm, wait) }?;
+            }
+        }
+        // SAFETY: the caller's guarantee; finalized (or no finalize).
+        unsafe { self.comm_destroy(comm) }
+    }
+
+    /// `ncclCommWindowRegister` (collective); a null window means no
+    /// symmetric support. Handles `ncclInProgress` (polled as `wait` says;
+    /// the out-pointer stays valid until NCCL is done with it).
+    ///
+    /// # Safety
+    /// `comm` is a live comm of this process; `[ptr, ptr + size)` is
+    /// `ncclMemAlloc` memory.
+    pub(super) unsafe fn window_register_within(
+        &self,
+        comm: ncclComm_t,
+        ptr: *mut c_void,
+        size: usize,
+        flags: c_int,
+        wait: &Wait<'_>,
+    ) -> Result<ncclWindow_t, BackendError> {
+        let mut win: ncclWindow_t = std::ptr::null_mut();
+        // SAFETY: the caller's guarantee; valid out-pointer, which lives
+        // until this function returns, after the call completed or the comm
+        // was aborted (NCCL writes it no more either way).
+        let rc = unsafe { (self.win_register)(comm, ptr, size, &mut win, flags) };
+        if self.started("ncclCommWindowRegister", rc, comm)? {
+            // SAFETY: the caller's guarantee.
+            unsafe { self.wait_done("ncclCommWindowRegister", comm, wait) }?;
+        }
+        Ok(win)
+    }
+
+    /// `ncclCommWindowDeregister`; handles `ncclInProgress`.
+    ///
+    /// # Safety
+    /// `win` was returned by `ncclCommWindowRegister` on the live `comm`
+    /// and is not deregistered yet.
+    pub(super) unsafe fn window_deregister_within(
+        &self,
+        comm: ncclComm_t,
+        win: ncclWindow_t,
+        wait: &Wait<'_>,
+    ) -> Result<(), BackendError> {
+        // SAFETY: the caller's guarantee.
+        let rc = unsafe { (self.win_deregister)(comm, win) };
+        if self.started("ncclCommWindowDeregister", rc, comm)? {
+            // SAFETY: the caller's guarantee.
+            unsafe { self.wait_done("ncclCommWindowDeregister", comm, wait) }?;
+        }
+        Ok(())
+    }
+
+    /// Enqueues `ncclAllReduce(buf, buf, count, ncclUint64, ncclMax)` on
+    /// `stream`, polling the comm while NCCL answers `ncclInProgress`.
+    ///
+    /// # Safety
+    /// `comm` is a live comm whose device is current; `buf` is device
+    /// memory of it holding `count` u64; `stream` is a stream of it.
+    pub(super) unsafe fn all_reduce_max_u64(
+        &self,
+        buf: *mut c_void,
+        count: usize,
+        comm: ncclComm_t,
+        stream: cudaStream_t,
+        wait: &Wait<'_>,
+    ) -> Result<(), BackendError> {
+        let f = present(self.all_reduce, "ncclAllReduce")?;
+        // SAFETY: the caller's guarantee; in place.
+        let rc = unsafe { f(buf, buf, count, UINT64, MAX, comm, stream) };
+        if self.started("ncclAllReduce", rc, comm)? {
+            // SAFETY: the caller's guarantee.
+            unsafe { self.wait_done("ncclAllReduce", comm, wait) }?;
+        }
+        Ok(())
+    }
+
+    /// `ncclCommUserRank`, or 0 if this NCCL lacks it.
+    ///
+    /// # Safety
+    /// `comm` is a live comm of this process.
+    pub(super) unsafe fn user_rank_or_zero(&self, comm: ncclComm_t) -> Result<i32, BackendError> {
+        match self.comm_user_rank {
+            // SAFETY: the caller's guarantee.
+            Some(f) => unsafe { self.query(f, "ncclCommUserRank", comm) },
+            None => Ok(0),
+        }
     }
 }

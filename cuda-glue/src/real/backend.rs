@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::CudaContext;
 use cudarc::nccl::sys::{ncclComm_t, ncclWindow_t};
 
+use super::agreement::Scratch;
 use super::api::NcclApi;
 use super::context::{driver, Contexts};
-use crate::backend::{Backend, BackendError, RawComm, Window};
+use crate::backend::{Backend, BackendError, CommProgress, RawComm, Wait, Window};
 use crate::util::lock;
 
 /// The real NCCL backend.
@@ -21,6 +22,8 @@ pub struct RealBackend {
     /// Device of every pointer this backend allocated and has not freed.
     devices: Mutex<HashMap<usize, i32>>,
     next_generation: AtomicU64,
+    /// The agreement's buffer and stream of each comm set up for it.
+    pub(super) scratch: Mutex<HashMap<usize, Scratch>>,
 }
 
 impl std::fmt::Debug for RealBackend {
@@ -56,6 +59,7 @@ impl RealBackend {
             contexts: Contexts::default(),
             devices: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
+            scratch: Mutex::new(HashMap::new()),
         })
     }
 
@@ -114,6 +118,23 @@ impl RealBackend {
         self.contexts.on_device(device, || {
             let id = self.api.unique_id()?;
             Ok(RawComm(self.api.comm_init_rank(1, id, 0)? as usize))
+        })
+    }
+
+    /// Creates a one-rank *non-blocking* communicator on `device`
+    /// (`ncclCommInitRankConfig` with `blocking = 0`), polled until ready
+    /// or until `wait`'s deadline (then aborted): a comm the caller owns,
+    /// which the allocator may abort at a deadline (attach it with
+    /// [`AttachOptions::owned`](crate::AttachOptions::owned)).
+    pub fn comm_init_one_rank_nonblocking(
+        &self,
+        device: i32,
+        wait: &Wait<'_>,
+    ) -> Result<RawComm, BackendError> {
+        self.contexts.on_device(device, || {
+            let id = self.api.unique_id()?;
+            let c = self.api.comm_init_rank_nonblocking(1, id, 0, wait)?;
+            Ok(RawComm(c as usize))
         })
     }
 
@@ -179,12 +200,17 @@ impl Backend for RealBackend {
         freed
     }
 
-    fn comm_window_register(
+    fn nccl_version(&self) -> i32 {
+        self.version
+    }
+
+    fn comm_window_register_within(
         &self,
         comm: RawComm,
         ptr: usize,
         size: usize,
         flags: i32,
+        wait: &Wait<'_>,
     ) -> Result<Option<Window>, BackendError> {
         let c = live_comm(comm, "ncclCommWindowRegister")?;
         if ptr == 0 || size == 0 {
@@ -196,7 +222,10 @@ impl Backend for RealBackend {
         let register = || {
             // SAFETY: non-null comm the caller attached (a live
             // ncclComm_t); the buffer is ncclMemAlloc memory of `size` bytes.
-            unsafe { self.api.window_register(c, ptr as *mut c_void, size, flags) }
+            unsafe {
+                self.api
+                    .window_register_within(c, ptr as *mut c_void, size, flags, wait)
+            }
         };
         // SAFETY: as above, a live comm.
         let win = unsafe { self.on_comm_device(c, register) }?;
@@ -211,7 +240,12 @@ impl Backend for RealBackend {
         }))
     }
 
-    fn comm_window_deregister(&self, comm: RawComm, window: Window) -> Result<(), BackendError> {
+    fn comm_window_deregister_within(
+        &self,
+        comm: RawComm,
+        window: Window,
+        wait: &Wait<'_>,
+    ) -> Result<(), BackendError> {
         let c = live_comm(comm, "ncclCommWindowDeregister")?;
         if window.raw == 0 {
             return Err(BackendError::InvalidArgument {
@@ -223,9 +257,65 @@ impl Backend for RealBackend {
             // SAFETY: the window was returned by ncclCommWindowRegister on
             // this live comm and is deregistered exactly once (the registry
             // hands each window back once).
-            unsafe { self.api.window_deregister(c, window.raw as ncclWindow_t) }
+            unsafe {
+                self.api
+                    .window_deregister_within(c, window.raw as ncclWindow_t, wait)
+            }
         };
         // SAFETY: a live comm the caller attached.
         unsafe { self.on_comm_device(c, deregister) }
+    }
+
+    fn comm_split(&self, parent: RawComm, wait: &Wait<'_>) -> Result<RawComm, BackendError> {
+        let p = live_comm(parent, "ncclCommSplit")?;
+        let split = || {
+            // SAFETY: a live comm the caller attached; the caller makes no
+            // other call on it meanwhile (attach is at a program point of
+            // the comm's own thread).
+            let key = unsafe { self.api.user_rank_or_zero(p) }?;
+            // SAFETY: as above.
+            let child = unsafe { self.api.comm_split(p, key, wait) }?;
+            Ok(RawComm(child as usize))
+        };
+        // SAFETY: as above, a live comm.
+        unsafe { self.on_comm_device(p, split) }
+    }
+
+    fn comm_async_error(&self, comm: RawComm) -> Result<CommProgress, BackendError> {
+        let c = live_comm(comm, "ncclCommGetAsyncError")?;
+        // SAFETY: a live comm the caller attached (or made).
+        unsafe { self.api.async_error(c) }
+    }
+
+    fn comm_abort(&self, comm: RawComm) -> Result<(), BackendError> {
+        let c = live_comm(comm, "ncclCommAbort")?;
+        // SAFETY: the allocator aborts only comms it may abort (its own, or
+        // a non-blocking one whose call it is polling itself), and never
+        // uses the handle again.
+        unsafe { self.api.comm_abort(c) }
+    }
+
+    fn comm_release(&self, comm: RawComm, wait: &Wait<'_>) -> Result<(), BackendError> {
+        let c = live_comm(comm, "ncclCommDestroy")?;
+        // SAFETY: a comm the glue made (the agreement comm), used by no
+        // other thread, never used after.
+        unsafe { self.api.comm_finalize_destroy(c, wait) }
+    }
+
+    fn all_reduce_setup(&self, comm: RawComm) -> Result<(), BackendError> {
+        self.agreement_setup(comm)
+    }
+
+    fn all_reduce_max_u64(
+        &self,
+        comm: RawComm,
+        words: &mut [u64],
+        wait: &Wait<'_>,
+    ) -> Result<(), BackendError> {
+        self.agreement_all_reduce(comm, words, wait)
+    }
+
+    fn all_reduce_teardown(&self, comm: RawComm) {
+        self.agreement_teardown(comm);
     }
 }

@@ -7,6 +7,9 @@
 //! * `context`: each device's primary context, and calls made with it
 //!   current that leave the thread's current context as it was;
 //! * `backend`: [`RealBackend`], the [`Backend`](crate::Backend) impl;
+//! * `agreement`: the checked pass's all-reduce: its device buffer and
+//!   stream, made at attach, and a wait on the stream that never blocks
+//!   past its deadline;
 //! * `multirank`: what only the two-rank program uses ([`UniqueId`], comm
 //!   init by rank, the all-reduce, host–device copies).
 //!
@@ -15,6 +18,7 @@
 //! `is_culib_present`), and a missing library, a missing symbol or an old
 //! NCCL is a [`BackendError`](crate::BackendError), never a panic.
 
+mod agreement;
 mod api;
 mod backend;
 mod context;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::windows::Registration;
 use super::SimWorld;
-use crate::backend::{Backend, BackendError, RawComm, Window};
+use crate::backend::{Backend, BackendError, CommProgress, RawComm, Wait, Window};
 
 /// The [`Backend`] of one simulated rank.
 #[derive(Clone)]
@@ -47,22 +47,62 @@ impl Backend for SimBackend {
         self.world.mem_free(self.rank, ptr)
     }
 
-    fn comm_window_register(
+    fn nccl_version(&self) -> i32 {
+        self.world.nccl_version()
+    }
+
+    fn comm_window_register_within(
         &self,
         comm: RawComm,
         ptr: usize,
         size: usize,
         _flags: i32,
+        wait: &Wait<'_>,
     ) -> Result<Option<Window>, BackendError> {
-        self.world.register(Registration {
+        let call = Registration {
             rank: self.rank,
             comm,
             ptr,
             size,
-        })
+        };
+        self.world.register(call, wait)
     }
 
-    fn comm_window_deregister(&self, comm: RawComm, window: Window) -> Result<(), BackendError> {
-        self.world.deregister(self.rank, comm, window)
+    fn comm_window_deregister_within(
+        &self,
+        comm: RawComm,
+        window: Window,
+        wait: &Wait<'_>,
+    ) -> Result<(), BackendError> {
+        self.world.deregister(self.rank, comm, window, wait)
+    }
+
+    fn comm_split(&self, parent: RawComm, wait: &Wait<'_>) -> Result<RawComm, BackendError> {
+        self.world.split(self.rank, parent, wait)
+    }
+
+    fn comm_async_error(&self, comm: RawComm) -> Result<CommProgress, BackendError> {
+        self.world.async_error(self.rank, comm)
+    }
+
+    fn comm_abort(&self, comm: RawComm) -> Result<(), BackendError> {
+        self.world.abort(self.rank, comm)
+    }
+
+    fn comm_release(&self, comm: RawComm, _wait: &Wait<'_>) -> Result<(), BackendError> {
+        self.world.release_comm(self.rank, comm)
+    }
+
+    fn all_reduce_setup(&self, comm: RawComm) -> Result<(), BackendError> {
+        self.world.check_comm(self.rank, comm)
+    }
+
+    fn all_reduce_max_u64(
+        &self,
+        comm: RawComm,
+        words: &mut [u64],
+        wait: &Wait<'_>,
+    ) -> Result<(), BackendError> {
+        self.world.all_reduce(self.rank, comm, words, wait)
     }
 }

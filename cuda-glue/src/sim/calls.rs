@@ -16,6 +16,16 @@ pub enum SimOp {
     Register,
     /// `ncclCommWindowDeregister`.
     Deregister,
+    /// `ncclAllReduce` (of `u64` words with `max`: the agreement).
+    AllReduce,
+    /// `ncclCommSplit`.
+    Split,
+    /// `ncclCommAbort`.
+    Abort,
+    /// `ncclCommGetAsyncError`.
+    AsyncError,
+    /// `ncclCommFinalize` + `ncclCommDestroy` of a comm the glue made.
+    Destroy,
 }
 
 impl SimOp {
@@ -26,6 +36,11 @@ impl SimOp {
             SimOp::MemFree => "ncclMemFree",
             SimOp::Register => "ncclCommWindowRegister",
             SimOp::Deregister => "ncclCommWindowDeregister",
+            SimOp::AllReduce => "ncclAllReduce",
+            SimOp::Split => "ncclCommSplit",
+            SimOp::Abort => "ncclCommAbort",
+            SimOp::AsyncError => "ncclCommGetAsyncError",
+            SimOp::Destroy => "ncclCommDestroy",
         }
     }
 }

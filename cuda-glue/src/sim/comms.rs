@@ -1,6 +1,8 @@
 //! Simulated comms: creation over some ranks (one raw handle per member,
 //! reused after destroy like `ncclComm_t` addresses) and destroy.
 
+use std::collections::BTreeMap;
+
 use super::violation::Violation;
 use super::world::{CommState, Member, WorldState};
 use super::{rejected, SimWorld};
@@ -12,7 +14,14 @@ impl SimWorld {
     /// support, and returns one raw handle per member, in the order given.
     /// Handle values of destroyed comms are reused.
     pub fn comm_create(&self, ranks: &[usize]) -> Result<Vec<RawComm>, BackendError> {
-        self.comm_create_with(ranks, true)
+        self.comm_create_with(ranks, true, true)
+    }
+
+    /// Like [`comm_create`](Self::comm_create), for a non-blocking comm
+    /// (`ncclConfig_t.blocking = 0`): its waits honour deadlines, and it
+    /// may be aborted by the thread that polls it.
+    pub fn comm_create_nonblocking(&self, ranks: &[usize]) -> Result<Vec<RawComm>, BackendError> {
+        self.comm_create_with(ranks, true, false)
     }
 
     /// Like [`comm_create`](Self::comm_create), for a comm without symmetric
@@ -21,13 +30,14 @@ impl SimWorld {
         &self,
         ranks: &[usize],
     ) -> Result<Vec<RawComm>, BackendError> {
-        self.comm_create_with(ranks, false)
+        self.comm_create_with(ranks, false, true)
     }
 
     fn comm_create_with(
         &self,
         ranks: &[usize],
         symmetric: bool,
+        blocking: bool,
     ) -> Result<Vec<RawComm>, BackendError> {
         let mut sorted = ranks.to_vec();
         sorted.sort_unstable();
@@ -41,7 +51,14 @@ impl SimWorld {
                 reason: format!("ranks {ranks:?} of a world of {}", self.nranks),
             });
         }
-        Ok(lock(&self.state).create_comm(ranks, symmetric))
+        Ok(lock(&self.state).create_comm(ranks, symmetric, blocking))
+    }
+
+    /// Whether a live comm handle names a blocking comm.
+    pub fn is_blocking(&self, comm: RawComm) -> Option<bool> {
+        let st = lock(&self.state);
+        let &(id, _) = st.handles.get(&comm.0)?;
+        st.comms.get(&id).map(|c| c.blocking)
     }
 
     /// The simulator's id of a live comm handle.
@@ -60,35 +77,50 @@ impl SimWorld {
 
 impl WorldState {
     /// A new comm over `ranks` (checked by the caller): one handle each.
-    fn create_comm(&mut self, ranks: &[usize], symmetric: bool) -> Vec<RawComm> {
+    pub(super) fn create_comm(
+        &mut self,
+        ranks: &[usize],
+        symmetric: bool,
+        blocking: bool,
+    ) -> Vec<RawComm> {
         let id = self.next_comm_id;
         self.next_comm_id += 1;
         let mut members = Vec::with_capacity(ranks.len());
         let mut out = Vec::with_capacity(ranks.len());
         for (i, &rank) in ranks.iter().enumerate() {
             let handle = self.comm_handles.take();
+            self.aborted_handles.remove(&handle);
             self.handles.insert(handle, (id, i));
-            members.push(Member {
-                rank,
-                alive: true,
-                in_call: Vec::new(),
-                regs: Vec::new(),
-            });
+            members.push(Member::new(rank));
             out.push(RawComm(handle));
         }
         self.comms.insert(
             id,
             CommState {
                 symmetric,
+                blocking,
                 members,
                 count_reported: false,
+                meetings: BTreeMap::new(),
             },
         );
         out
     }
 
     /// `ncclCommDestroy` of one member's handle.
-    fn destroy_member(&mut self, comm: RawComm) -> Result<(), BackendError> {
+    pub(super) fn destroy_member(&mut self, comm: RawComm) -> Result<(), BackendError> {
+        if let Some(&(id, idx)) = self.aborted_handles.get(&comm.0) {
+            let rank = self.member(id, idx).map_or(usize::MAX, |m| m.rank);
+            self.violations.push(Violation::CallAfterAbort {
+                comm: id,
+                rank,
+                call: "ncclCommDestroy",
+            });
+            return Err(BackendError::Aborted {
+                call: "ncclCommDestroy",
+                comm,
+            });
+        }
         let Some((id, idx)) = self.handles.remove(&comm.0) else {
             return Err(rejected(
                 "ncclCommDestroy",
@@ -108,15 +140,24 @@ impl WorldState {
             });
         }
         self.drop_windows(id, rank);
-        let all_gone = self.comms.get_mut(&id).is_some_and(|c| {
-            c.members[idx].alive = false;
-            c.members.iter().all(|m| !m.alive)
-        });
+        if let Some(m) = self.member_mut(id, idx) {
+            m.alive = false;
+        }
+        self.remove_if_gone(id);
+        Ok(())
+    }
+
+    /// Removes comm `id` once every member is destroyed or aborted, after
+    /// the count check.
+    pub(super) fn remove_if_gone(&mut self, id: u64) {
+        let all_gone = self
+            .comms
+            .get(&id)
+            .is_some_and(|c| c.members.iter().all(|m| !m.alive));
         if all_gone {
             self.check_counts(id);
             self.comms.remove(&id);
         }
-        Ok(())
     }
 
     /// Drops the windows a destroyed member still had, reporting them.

@@ -22,6 +22,17 @@
 //! position. A test can park a call with [`SimWorld::set_hook`], which runs
 //! while the call is in flight (after its checks, before its outcome).
 //!
+//! The all-reduce and the comm split *are* blocking rendezvous
+//! (`rendezvous.rs`): ranks on different threads meet in them, in the
+//! order of their calls, and an abort of a member ends its call. Comms are
+//! blocking ([`SimWorld::comm_create`]) or non-blocking
+//! ([`SimWorld::comm_create_nonblocking`], and every split child): a call
+//! on a non-blocking comm honours its [`Wait`](crate::Wait)'s deadline, a
+//! call on a blocking one cannot be released. Faults: a call that fails
+//! ([`SimWorld::fail_nth`]), a call that never completes until its comm is
+//! aborted ([`SimWorld::stall_next`]); [`SimWorld::release_all`] ends every
+//! waiting call (the tests' escape hatch).
+//!
 //! Which buffer a registration names is compared across ranks by a
 //! [`BufferId`]: the allocation site label the allocating thread set with
 //! [`set_alloc_site`] and the allocation's number among that site's on its
@@ -37,6 +48,7 @@ mod calls;
 mod comms;
 mod faults;
 mod memory;
+mod rendezvous;
 mod rules;
 mod site;
 mod violation;
@@ -44,7 +56,7 @@ mod windows;
 mod world;
 
 use std::fmt;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 pub use backend::SimBackend;
 pub use calls::{SimCall, SimHook, SimOp, TraceEvent};
@@ -76,12 +88,22 @@ pub struct SimStats {
     pub deregisters: u64,
     /// Comms live now (at least one member not destroyed).
     pub live_comms: usize,
+    /// Windows freed by `ncclCommAbort` of their comm (never to be
+    /// deregistered).
+    pub windows_aborted: u64,
+    /// `ncclCommAbort` calls.
+    pub aborts: u64,
+    /// All-reduces completed (each counted once, for all members).
+    pub all_reduces: u64,
 }
 
 /// A simulated job of several ranks. Share it in an [`Arc`].
 pub struct SimWorld {
     nranks: usize,
     state: Mutex<WorldState>,
+    /// Signalled whenever a waiting call may have something to see (a
+    /// meeting completed, an abort, a release).
+    changed: Condvar,
     hook: RwLock<Option<SimHook>>,
 }
 
@@ -117,6 +139,7 @@ impl SimWorld {
         Arc::new(SimWorld {
             nranks,
             state: Mutex::new(WorldState::new(nranks, memory::rank_base)),
+            changed: Condvar::new(),
             hook: RwLock::new(None),
         })
     }

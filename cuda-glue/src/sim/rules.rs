@@ -94,6 +94,8 @@ impl WorldState {
     /// Appends a registration to the member's collective sequence and
     /// compares it with the other members' at the same position.
     pub(super) fn record_collective(&mut self, id: u64, idx: usize, entry: RegEntry) {
+        // NCCL 2.30 accepts different sizes per rank in one registration.
+        let sizes_may_differ = self.version >= 23000;
         let Some(c) = self.comms.get_mut(&id) else {
             return;
         };
@@ -109,7 +111,7 @@ impl WorldState {
         let Some((first_rank, first)) = reference else {
             return;
         };
-        let what = if first.size != entry.size {
+        let what = if first.size != entry.size && !sizes_may_differ {
             Some(Mismatch::Size {
                 first: first.size,
                 other: entry.size,
@@ -138,7 +140,7 @@ impl WorldState {
         let Some(c) = self.comms.get_mut(&id) else {
             return;
         };
-        if c.count_reported {
+        if c.count_reported || c.any_aborted() {
             return;
         }
         let counts: Vec<(usize, usize)> =

@@ -160,6 +160,37 @@ pub enum Violation {
         /// The pointer.
         ptr: usize,
     },
+    /// A call on a comm handle after `ncclCommAbort` freed it (NCCL: a use
+    /// after free; the windows it had are gone too).
+    CallAfterAbort {
+        /// Simulator comm id.
+        comm: u64,
+        /// The rank.
+        rank: usize,
+        /// The call.
+        call: &'static str,
+    },
+    /// `ncclCommAbort` of a *blocking* comm while a call was in flight on
+    /// it: NCCL frees the comm under the thread inside that call. Only the
+    /// polling thread of a non-blocking comm may abort it mid-call.
+    AbortDuringCall {
+        /// Simulator comm id.
+        comm: u64,
+        /// The rank.
+        rank: usize,
+        /// The call in flight.
+        call: &'static str,
+    },
+    /// Members of a comm met in one rendezvous with different calls or
+    /// different lengths (NCCL: a hang or garbage).
+    RendezvousMismatch {
+        /// Simulator comm id.
+        comm: u64,
+        /// The rendezvous number (0-based).
+        index: u64,
+        /// What differed.
+        what: String,
+    },
     /// A comm destroyed while windows were still registered on it.
     DestroyWithWindows {
         /// Simulator comm id.
@@ -197,6 +228,9 @@ impl Violation {
             Violation::UnknownBuffer { .. } => "unknown-buffer",
             Violation::BadFree { .. } => "bad-free",
             Violation::DestroyWithWindows { .. } => "destroy-with-windows",
+            Violation::CallAfterAbort { .. } => "call-after-abort",
+            Violation::AbortDuringCall { .. } => "abort-during-call",
+            Violation::RendezvousMismatch { .. } => "rendezvous-mismatch",
         }
     }
 }

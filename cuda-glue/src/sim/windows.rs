@@ -8,7 +8,7 @@ use super::site::BufferId;
 use super::violation::Violation;
 use super::world::{RegEntry, WinInfo, WorldState};
 use super::{destroyed_in_flight, rejected, SimWorld};
-use crate::backend::{BackendError, RawComm, Window};
+use crate::backend::{BackendError, RawComm, Wait, Window};
 use crate::util::lock;
 
 const REGISTER: &str = "ncclCommWindowRegister";
@@ -42,8 +42,17 @@ impl SimWorld {
         st.windows_of(rank, Some(id), None)
     }
 
-    pub(super) fn register(&self, call: Registration) -> Result<Option<Window>, BackendError> {
-        let flight = lock(&self.state).begin_register(call)?;
+    pub(super) fn register(
+        &self,
+        call: Registration,
+        wait: &Wait<'_>,
+    ) -> Result<Option<Window>, BackendError> {
+        let (flight, stalled) = {
+            let mut st = lock(&self.state);
+            let flight = st.begin_register(call)?;
+            let stalled = st.take_stall(flight.id, flight.idx, SimOp::Register);
+            (flight, stalled)
+        };
         self.run_hook(&SimCall {
             rank: call.rank,
             op: SimOp::Register,
@@ -53,6 +62,11 @@ impl SimWorld {
             size: call.size,
             window: None,
         });
+        if stalled {
+            let e = self.hold_stalled(flight.id, flight.idx, REGISTER, call.comm, wait);
+            lock(&self.state).abandon_register(call, flight);
+            return Err(e);
+        }
         lock(&self.state).finish_register(call, flight)
     }
 
@@ -61,8 +75,13 @@ impl SimWorld {
         rank: usize,
         comm: RawComm,
         window: Window,
+        wait: &Wait<'_>,
     ) -> Result<(), BackendError> {
-        let (id, idx) = lock(&self.state).begin_deregister(rank, comm, window)?;
+        let (id, idx, stalled) = {
+            let mut st = lock(&self.state);
+            let (id, idx) = st.begin_deregister(rank, comm, window)?;
+            (id, idx, st.take_stall(id, idx, SimOp::Deregister))
+        };
         self.run_hook(&SimCall {
             rank,
             op: SimOp::Deregister,
@@ -72,6 +91,13 @@ impl SimWorld {
             size: 0,
             window: Some(window),
         });
+        if stalled {
+            let e = self.hold_stalled(id, idx, DEREGISTER, comm, wait);
+            let mut st = lock(&self.state);
+            st.leave(id, idx, DEREGISTER);
+            st.trace(rank, SimOp::Deregister, comm, 0, Some(window), false);
+            return Err(e);
+        }
         lock(&self.state).finish_deregister(rank, comm, window, (id, idx))
     }
 
@@ -114,6 +140,21 @@ impl WorldState {
                 Err(e)
             }
         }
+    }
+
+    /// A registration in flight that never completed (stalled, then aborted
+    /// or released): it issues nothing and records no collective call
+    /// (its comm is gone, or the test gave up on it).
+    fn abandon_register(&mut self, call: Registration, f: InFlight) {
+        let inflight = &mut self.ranks[call.rank].inflight;
+        if let Some(i) = inflight
+            .iter()
+            .position(|&e| e == (f.id, call.ptr, call.size))
+        {
+            inflight.remove(i);
+        }
+        self.leave(f.id, f.idx, REGISTER);
+        self.trace(call.rank, SimOp::Register, call.comm, call.ptr, None, false);
     }
 
     /// The outcome of a registration in flight.

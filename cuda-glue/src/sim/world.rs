@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use super::calls::{SimOp, TraceEvent};
 use super::faults::Fault;
+use super::rendezvous::Meeting;
 use super::site::BufferId;
 use super::violation::Violation;
 use super::{rejected, SimStats};
@@ -19,6 +20,8 @@ use crate::backend::{BackendError, RawComm, Window};
 const COMM_HANDLE_BASE: usize = 0x5500_0000;
 /// First raw window handle value.
 const WINDOW_HANDLE_BASE: usize = 0x6600_0000;
+/// The NCCL version the simulator answers by default (2.28.9).
+const DEFAULT_VERSION: i32 = 22809;
 
 /// Handle values as NCCL hands them out: a freed one comes back first.
 pub(super) struct Handles {
@@ -74,15 +77,54 @@ pub(super) struct RegEntry {
 pub(super) struct Member {
     pub(super) rank: usize,
     pub(super) alive: bool,
+    /// Aborted (`ncclCommAbort`): its handle is gone, its windows freed.
+    pub(super) aborted: bool,
     /// Calls in flight on this comm and rank, by name.
     pub(super) in_call: Vec<&'static str>,
     pub(super) regs: Vec<RegEntry>,
+    /// Rendezvous (all-reduce, split) this member has joined: the next one
+    /// meets the others' call of the same number.
+    pub(super) rendezvous: u64,
+    /// Armed stalls: the member's next call of each op here never
+    /// completes until the member is aborted.
+    pub(super) stalls: Vec<SimOp>,
+    /// Armed skips: the member's next all-reduce returns its own input at
+    /// once, without meeting the others.
+    pub(super) skips: Vec<SimOp>,
+}
+
+impl Member {
+    pub(super) fn new(rank: usize) -> Self {
+        Member {
+            rank,
+            alive: true,
+            aborted: false,
+            in_call: Vec::new(),
+            regs: Vec::new(),
+            rendezvous: 0,
+            stalls: Vec::new(),
+            skips: Vec::new(),
+        }
+    }
 }
 
 pub(super) struct CommState {
     pub(super) symmetric: bool,
+    /// Made blocking (every call blocks its thread) or non-blocking (calls
+    /// may be polled, and their waits honour deadlines).
+    pub(super) blocking: bool,
     pub(super) members: Vec<Member>,
     pub(super) count_reported: bool,
+    /// Open rendezvous by number (see `rendezvous.rs`).
+    pub(super) meetings: BTreeMap<u64, Meeting>,
+}
+
+impl CommState {
+    /// Whether a member of the comm was aborted: its collective counts
+    /// then say nothing.
+    pub(super) fn any_aborted(&self) -> bool {
+        self.members.iter().any(|m| m.aborted)
+    }
 }
 
 pub(super) struct WinInfo {
@@ -98,6 +140,9 @@ pub(super) struct WorldState {
     pub(super) comms: BTreeMap<u64, CommState>,
     /// Live raw comm handle → (comm id, member index).
     pub(super) handles: HashMap<usize, (u64, usize)>,
+    /// Handles of aborted members (until the value is handed out again):
+    /// a call on one is a use after free.
+    pub(super) aborted_handles: HashMap<usize, (u64, usize)>,
     pub(super) comm_handles: Handles,
     pub(super) next_comm_id: u64,
     pub(super) windows: HashMap<usize, WinInfo>,
@@ -107,6 +152,11 @@ pub(super) struct WorldState {
     pub(super) trace: Vec<TraceEvent>,
     pub(super) faults: Vec<Fault>,
     pub(super) stats: SimStats,
+    /// Bumped by [`SimWorld::release_all`](super::SimWorld::release_all):
+    /// every call waiting when it changes ends with an error.
+    pub(super) release_epoch: u64,
+    /// What `ncclGetVersion` answers.
+    pub(super) version: i32,
 }
 
 impl WorldState {
@@ -124,6 +174,7 @@ impl WorldState {
             ranks,
             comms: BTreeMap::new(),
             handles: HashMap::new(),
+            aborted_handles: HashMap::new(),
             comm_handles: Handles::starting_at(COMM_HANDLE_BASE),
             next_comm_id: 1,
             windows: HashMap::new(),
@@ -133,6 +184,8 @@ impl WorldState {
             trace: Vec::new(),
             faults: Vec::new(),
             stats: SimStats::default(),
+            release_epoch: 0,
+            version: DEFAULT_VERSION,
         }
     }
 
@@ -175,6 +228,14 @@ impl WorldState {
             return Err(BackendError::NullComm { call });
         }
         let Some(&(id, idx)) = self.handles.get(&comm.0) else {
+            if let Some(&(id, _)) = self.aborted_handles.get(&comm.0) {
+                self.violations.push(Violation::CallAfterAbort {
+                    comm: id,
+                    rank,
+                    call,
+                });
+                return Err(BackendError::Aborted { call, comm });
+            }
             self.violations.push(Violation::UnknownComm {
                 rank,
                 call,
@@ -255,5 +316,15 @@ impl WorldState {
         s.live_windows = self.windows.len();
         s.live_comms = self.comms.len();
         s
+    }
+
+    /// The comm and member a live handle names, or `None`.
+    pub(super) fn member(&self, id: u64, idx: usize) -> Option<&Member> {
+        self.comms.get(&id).and_then(|c| c.members.get(idx))
+    }
+
+    /// Mutable [`member`](Self::member).
+    pub(super) fn member_mut(&mut self, id: u64, idx: usize) -> Option<&mut Member> {
+        self.comms.get_mut(&id).and_then(|c| c.members.get_mut(idx))
     }
 }

@@ -100,6 +100,7 @@ pub fn in_child(test: &str) -> bool {
 type Void = unsafe extern "C" fn();
 type WaitPaused = unsafe extern "C" fn(c_int) -> c_int;
 type Outstanding = unsafe extern "C" fn(*mut usize, *mut usize);
+type AbortStats = unsafe extern "C" fn(*mut usize, *mut usize, *mut usize);
 
 /// The fake's test controls, in the child.
 pub struct Controls {
@@ -150,6 +151,30 @@ impl Controls {
         // SAFETY: two valid out-pointers.
         unsafe { f(&mut bytes, &mut blocks) };
         (bytes, blocks)
+    }
+
+    /// The next collective never completes: a non-blocking comm's answers
+    /// `ncclInProgress` until its abort; a blocking one's waits for
+    /// [`release_stalls`](Self::release_stalls).
+    pub fn stall_next(&self) {
+        self.void(b"fake_nccl_stall_next");
+    }
+
+    /// Ends a stalled call on a blocking comm (with an error).
+    pub fn release_stalls(&self) {
+        self.void(b"fake_nccl_release_stalls");
+    }
+
+    /// `(ncclCommAbort calls, calls on a comm after its abort, windows
+    /// freed by aborts)`.
+    pub fn abort_stats(&self) -> (usize, usize, usize) {
+        let (mut a, mut b, mut c) = (0, 0, 0);
+        // SAFETY: the control's C prototype is
+        // `void f(size_t *, size_t *, size_t *)`.
+        let f = unsafe { self.lib.get::<AbortStats>(b"fake_nccl_abort_stats") }.unwrap();
+        // SAFETY: three valid out-pointers.
+        unsafe { f(&mut a, &mut b, &mut c) };
+        (a, b, c)
     }
 
     /// Resumes a parked free when dropped, so that a failing test ends

@@ -31,7 +31,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Mutex;
 
-use segment_registry_nccl::{Allocator, Backend, BackendError, CommId, RawComm, Window};
+use segment_registry_nccl::{
+    Allocator, Backend, BackendError, CommId, CommProgress, RawComm, Wait, Window,
+};
 
 /// One MiB.
 pub(crate) const MIB: usize = 1 << 20;
@@ -307,12 +309,17 @@ impl<B: Backend> Backend for Traced<B> {
         Ok(())
     }
 
-    fn comm_window_register(
+    fn nccl_version(&self) -> i32 {
+        self.inner.nccl_version()
+    }
+
+    fn comm_window_register_within(
         &self,
         comm: RawComm,
         ptr: usize,
         size: usize,
         flags: i32,
+        wait: &Wait<'_>,
     ) -> Result<Option<Window>, BackendError> {
         {
             let mut s = self.state();
@@ -326,7 +333,9 @@ impl<B: Backend> Backend for Traced<B> {
                 ));
             }
         }
-        let r = self.inner.comm_window_register(comm, ptr, size, flags);
+        let r = self
+            .inner
+            .comm_window_register_within(comm, ptr, size, flags, wait);
         let mut s = self.state();
         s.calls.push(RegCall {
             comm,
@@ -340,8 +349,14 @@ impl<B: Backend> Backend for Traced<B> {
         r
     }
 
-    fn comm_window_deregister(&self, comm: RawComm, window: Window) -> Result<(), BackendError> {
-        self.inner.comm_window_deregister(comm, window)?;
+    fn comm_window_deregister_within(
+        &self,
+        comm: RawComm,
+        window: Window,
+        wait: &Wait<'_>,
+    ) -> Result<(), BackendError> {
+        self.inner
+            .comm_window_deregister_within(comm, window, wait)?;
         let mut s = self.state();
         match s.windows.remove(&window.generation) {
             Some((c, _, _)) if c == comm => {}
@@ -355,6 +370,40 @@ impl<B: Backend> Backend for Traced<B> {
                 .push(format!("{window:?} deregistered but not registered")),
         }
         Ok(())
+    }
+
+    // The agreement's calls pass through untraced: they register nothing.
+    fn comm_split(&self, parent: RawComm, wait: &Wait<'_>) -> Result<RawComm, BackendError> {
+        self.inner.comm_split(parent, wait)
+    }
+
+    fn comm_async_error(&self, comm: RawComm) -> Result<CommProgress, BackendError> {
+        self.inner.comm_async_error(comm)
+    }
+
+    fn comm_abort(&self, comm: RawComm) -> Result<(), BackendError> {
+        self.inner.comm_abort(comm)
+    }
+
+    fn comm_release(&self, comm: RawComm, wait: &Wait<'_>) -> Result<(), BackendError> {
+        self.inner.comm_release(comm, wait)
+    }
+
+    fn all_reduce_setup(&self, comm: RawComm) -> Result<(), BackendError> {
+        self.inner.all_reduce_setup(comm)
+    }
+
+    fn all_reduce_max_u64(
+        &self,
+        comm: RawComm,
+        words: &mut [u64],
+        wait: &Wait<'_>,
+    ) -> Result<(), BackendError> {
+        self.inner.all_reduce_max_u64(comm, words, wait)
+    }
+
+    fn all_reduce_teardown(&self, comm: RawComm) {
+        self.inner.all_reduce_teardown(comm)
     }
 }
 

@@ -1,0 +1,475 @@
+//! Checked passes with simulated ranks on threads: every rank's pass
+//! agrees on a digest of what it would register, over a private comm split
+//! at attach, before it registers anything. Each property comes with its
+//! negative control: the same scenario with a deliberately broken variant
+//! (`TestFaults`), which the property check must reject. Every wait is
+//! bounded: by the comm's deadline, or by the harness's watchdog, which
+//! releases every simulated call it finds waiting and reports a hang.
+#![cfg(not(feature = "loom"))]
+
+mod common;
+
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{assert_clean, MIB};
+use segment_registry_nccl::sim::{set_alloc_site, SimBackend, SimOp, SimWorld};
+use segment_registry_nccl::{
+    Allocator, AttachOptions, BackendError, CommId, CommState, RawComm, RegisterError, TestFaults,
+};
+
+/// How long the harness waits for every rank before it calls a hang (the
+/// default; a run that is expected to hang sets a shorter one).
+const WATCHDOG: Duration = Duration::from_secs(10);
+
+/// Simulated ranks, one allocator each, one checked comm over all.
+struct Ranks {
+    world: std::sync::Arc<SimWorld>,
+    allocs: Vec<Allocator<SimBackend>>,
+    raws: Vec<RawComm>,
+    ids: Vec<CommId>,
+    watchdog: Duration,
+}
+
+impl Ranks {
+    /// `n` ranks whose allocators have `faults`, attaching one blocking
+    /// comm checked with `deadline` (collectively: one thread per rank).
+    fn new(n: usize, deadline: Duration, faults: TestFaults) -> Ranks {
+        let world = SimWorld::new(n);
+        let allocs: Vec<_> = (0..n)
+            .map(|r| Allocator::new(world.rank(r).unwrap()).with_test_faults(faults))
+            .collect();
+        let raws = world.comm_create(&(0..n).collect::<Vec<_>>()).unwrap();
+        let mut ranks = Ranks {
+            world,
+            allocs,
+            raws,
+            ids: Vec::new(),
+            watchdog: WATCHDOG,
+        };
+        let raws = ranks.raws.clone();
+        let opts = AttachOptions::new().checked().deadline(deadline);
+        let ids = ranks
+            .run_raw(|r, a| a.attach_with(raws[r], opts.clone()))
+            .expect("the checked attach returns on every rank");
+        ranks.ids = ids.into_iter().map(|id| id.unwrap()).collect();
+        ranks
+    }
+
+    /// Runs `f(rank, allocator)` on one thread per rank; `Err` naming the
+    /// ranks that were still waiting after [`WATCHDOG`] (their simulated
+    /// calls are then released, so the threads end).
+    fn run_raw<T: Send>(
+        &self,
+        f: impl Fn(usize, &Allocator<SimBackend>) -> T + Sync,
+    ) -> Result<Vec<T>, String> {
+        let (tx, rx) = mpsc::channel();
+        thread::scope(|s| {
+            let f = &f;
+            let mut handles = Vec::new();
+            for (r, a) in self.allocs.iter().enumerate() {
+                let tx = tx.clone();
+                handles.push(s.spawn(move || {
+                    let v = f(r, a);
+                    let _ = tx.send(r);
+                    v
+                }));
+            }
+            let start = Instant::now();
+            let mut done = vec![false; self.allocs.len()];
+            while done.iter().any(|d| !d) {
+                let left = self.watchdog.saturating_sub(start.elapsed());
+                match rx.recv_timeout(left) {
+                    Ok(r) => done[r] = true,
+                    Err(_) => break,
+                }
+            }
+            let hung: Vec<usize> = (0..done.len()).filter(|&r| !done[r]).collect();
+            if !hung.is_empty() {
+                self.world.release_all();
+            }
+            let out: Vec<T> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            if hung.is_empty() {
+                Ok(out)
+            } else {
+                Err(format!(
+                    "ranks {hung:?} still waited after {:?}: a hang",
+                    self.watchdog
+                ))
+            }
+        })
+    }
+
+    /// [`run_raw`](Self::run_raw) with each rank's comm id.
+    fn run<T: Send>(
+        &self,
+        f: impl Fn(usize, &Allocator<SimBackend>, CommId) -> T + Sync,
+    ) -> Result<Vec<T>, String> {
+        self.run_raw(|r, a| f(r, a, self.ids[r]))
+    }
+
+    /// Frees everything, detaches the comm on every rank, destroys it, and
+    /// checks the accounting: every allocation freed once, every window
+    /// registered deregistered, nothing pending, no rule broken.
+    fn finish(self) {
+        for a in &self.allocs {
+            a.free_all();
+        }
+        self.run(|_, a, id| a.detach(id).map(drop))
+            .unwrap()
+            .into_iter()
+            .for_each(|d| d.unwrap());
+        for &raw in &self.raws {
+            self.world.comm_destroy(raw).unwrap();
+        }
+        for (r, a) in self.allocs.iter().enumerate() {
+            let s = a.stats();
+            assert_eq!(s.allocs, s.mem_frees, "rank {r}: {s:?}");
+            assert_eq!(
+                s.windows_registered, s.windows_deregistered,
+                "rank {r}: {s:?}"
+            );
+            assert_eq!((s.pending_frees, s.orphans), (0, 0), "rank {r}: {s:?}");
+        }
+        assert_clean(&self.world);
+    }
+}
+
+/// Every rank allocates `n` segments of 2 MiB; `extra` ranks one more,
+/// from an allocation site of its own (the simulator names buffers by site
+/// and number, so the others keep matching numbers).
+fn alloc_each(a: &Allocator<SimBackend>, r: usize, n: usize, extra: &[usize]) -> Vec<usize> {
+    let mut out: Vec<usize> = (0..n).map(|_| a.alloc(2 * MIB, 0).unwrap()).collect();
+    if extra.contains(&r) {
+        set_alloc_site(Some("extra"));
+        out.push(a.alloc(2 * MIB, 0).unwrap());
+        set_alloc_site(None);
+    }
+    out
+}
+
+#[test]
+fn a_checked_attach_is_collective_and_a_matching_pass_registers() {
+    let job = Ranks::new(3, Duration::from_secs(5), TestFaults::default());
+    let got = job
+        .run(|r, a, id| {
+            alloc_each(a, r, 2, &[]);
+            a.register(id)
+        })
+        .unwrap();
+    for (r, p) in got.into_iter().enumerate() {
+        assert_eq!(p.unwrap().windows, 2, "rank {r}");
+    }
+    // Nothing pending: every rank still takes part, and all agree.
+    let empty = job.run(|_, a, id| a.register(id)).unwrap();
+    assert!(empty
+        .iter()
+        .all(|p| p.as_ref().unwrap().registered.is_empty()));
+    for a in &job.allocs {
+        let s = a.stats();
+        assert_eq!((s.agreements, s.diverged), (2, 0), "{s:?}");
+        assert!(s.comms[0].checked);
+    }
+    job.finish();
+}
+
+/// The divergence property: one rank has an extra segment; every rank's
+/// pass returns `Diverged` with nothing registered, and once the extra is
+/// freed the next pass registers on every rank. `Err` says where it fails.
+fn divergence_is_caught(faults: TestFaults) -> Result<(), String> {
+    let job = Ranks::new(2, Duration::from_millis(300), faults);
+    // Rank 0 has nothing pending; rank 1 tracks one segment more.
+    let extra = job
+        .run(|r, a, id| {
+            let mine = alloc_each(a, r, 0, &[1]);
+            (mine, a.register(id))
+        })
+        .map_err(|e| format!("first pass: {e}"))?;
+    for (r, (_, pass)) in extra.iter().enumerate() {
+        match pass {
+            Err(RegisterError::Diverged(d)) => {
+                let want = if r == 0 {
+                    "this rank has 0 pending segments (0 MiB); the group has 0 to 1; free or \
+                     allocate so every rank matches, then register again"
+                } else {
+                    "this rank has 1 pending segment (2 MiB); the group has 0 to 1; free or \
+                     allocate so every rank matches, then register again"
+                };
+                let msg = RegisterError::Diverged(d.clone()).to_string();
+                if !msg.contains(want) {
+                    return Err(format!("rank {r}: the message {msg:?} lacks {want:?}"));
+                }
+            }
+            other => return Err(format!("rank {r}: expected Diverged, got {other:?}")),
+        }
+    }
+    if job.world.stats().windows_issued != 0 {
+        return Err("a divergent pass registered something".into());
+    }
+    // Rank 1 frees its extra; every rank allocates one; the pass matches.
+    let again = job
+        .run(|r, a, id| {
+            for p in &extra[r].0 {
+                a.free(*p).unwrap();
+            }
+            alloc_each(a, r, 1, &[]);
+            a.register(id)
+        })
+        .map_err(|e| format!("second pass: {e}"))?;
+    for (r, p) in again.iter().enumerate() {
+        match p {
+            Ok(s) if s.windows == 1 => {}
+            other => return Err(format!("rank {r}: the matching pass gave {other:?}")),
+        }
+    }
+    job.finish();
+    Ok(())
+}
+
+#[test]
+fn a_divergent_pass_is_diverged_on_every_rank_and_the_next_matching_pass_succeeds() {
+    divergence_is_caught(TestFaults::default()).unwrap();
+}
+
+#[test]
+fn control_an_agreement_skipped_when_nothing_is_pending_misses_the_divergence() {
+    let faults = TestFaults {
+        skip_agree_when_empty: true,
+        ..TestFaults::default()
+    };
+    let e = divergence_is_caught(faults).unwrap_err();
+    // Rank 0 returned at once; rank 1 waited for it until the deadline.
+    assert!(e.contains("rank 0: expected Diverged, got Ok"), "{e}");
+}
+
+/// The skip property: rank 1's pass goes ahead without the group (its
+/// agreement is skipped), so its next pass meets the others' previous one:
+/// the pass counts differ, every rank gets `Diverged`, counts resync, and
+/// the next pass matches.
+fn a_skip_is_caught_by_the_pass_count(
+    faults: TestFaults,
+    deadline: Duration,
+) -> Result<(), String> {
+    let job = Ranks::new(2, deadline, faults);
+    job.world
+        .skip_next(job.agreement(1), SimOp::AllReduce)
+        .unwrap();
+    let got = job
+        .run(|r, a, id| {
+            let mut outcomes = vec![a.register(id)]; // nothing pending yet
+            a.alloc(2 * MIB, 0).unwrap();
+            outcomes.push(a.register(id));
+            if r == 1 {
+                // Rank 1 was told at its second pass: it runs it again.
+                outcomes.push(a.register(id));
+            }
+            outcomes
+        })
+        .map_err(|e| format!("passes: {e}"))?;
+    let caught = |r: usize, p: &Result<_, RegisterError>| match p {
+        Err(RegisterError::Diverged(d)) if d.group.min.passes + 1 == d.group.max.passes => Ok(()),
+        other => Err(format!(
+            "rank {r}: expected Diverged by the pass count, got {other:?}"
+        )),
+    };
+    caught(0, &got[0][0])?;
+    caught(1, &got[1][1])?;
+    for (r, i) in [(0, 1), (1, 2)] {
+        match &got[r][i] {
+            Ok(s) if s.windows == 1 => {}
+            other => return Err(format!("rank {r}: the resynced pass gave {other:?}")),
+        }
+    }
+    job.finish();
+    Ok(())
+}
+
+impl Ranks {
+    /// Rank `r`'s private agreement comm.
+    fn agreement(&self, r: usize) -> RawComm {
+        self.allocs[r].agreement_comm(self.ids[r]).unwrap()
+    }
+}
+
+#[test]
+fn a_skipped_pass_is_caught_by_the_pass_count() {
+    a_skip_is_caught_by_the_pass_count(TestFaults::default(), Duration::from_secs(5)).unwrap();
+}
+
+#[test]
+fn control_with_empty_passes_skipping_the_agreement_the_skip_goes_unseen() {
+    let faults = TestFaults {
+        skip_agree_when_empty: true,
+        ..TestFaults::default()
+    };
+    // Rank 0 ends up waiting for a pass rank 1 never makes: a short
+    // deadline keeps the control fast.
+    let e = a_skip_is_caught_by_the_pass_count(faults, Duration::from_millis(300)).unwrap_err();
+    assert!(e.contains("expected Diverged by the pass count"), "{e}");
+}
+
+/// The abstain property: rank 1 cannot register (it abstains, or its comm
+/// failed); the others' pass ends `Diverged` long before the deadline.
+fn an_abstainer_makes_every_rank_fail_fast(
+    faults: TestFaults,
+    by_failure: bool,
+    deadline: Duration,
+) -> Result<(), String> {
+    let job = Ranks::new(3, deadline, faults);
+    if by_failure {
+        // Rank 1's next registration fails: its comm is failed.
+        job.world.fail_nth(1, SimOp::Register, 1);
+        let first = job
+            .run(|r, a, id| {
+                alloc_each(a, r, 1, &[]);
+                a.register(id)
+            })
+            .map_err(|e| format!("first pass: {e}"))?;
+        if !matches!(first[1], Err(RegisterError::Register { .. })) {
+            return Err(format!(
+                "rank 1's registration did not fail: {:?}",
+                first[1]
+            ));
+        }
+    }
+    let start = Instant::now();
+    let got = job
+        .run(|r, a, id| {
+            if r == 1 && !by_failure {
+                Err(a.abstain(id))
+            } else {
+                a.register(id)
+            }
+        })
+        .map_err(|e| format!("abstain pass: {e}"))?;
+    let took = start.elapsed();
+    for (r, p) in got.iter().enumerate() {
+        let ok = match p {
+            Err(RegisterError::Diverged(d)) => d.group.max.abstain == 1,
+            Err(RegisterError::Failed { .. }) => r == 1 && by_failure,
+            _ => false,
+        };
+        if !ok {
+            return Err(format!(
+                "rank {r}: expected Diverged (a rank abstained), got {p:?}"
+            ));
+        }
+    }
+    if took >= deadline {
+        return Err(format!(
+            "the ranks took {took:?}, not less than the deadline"
+        ));
+    }
+    if by_failure {
+        assert_eq!(job.allocs[1].stats().comms[0].state, CommState::Failed);
+    }
+    job.finish();
+    Ok(())
+}
+
+#[test]
+fn an_abstaining_rank_makes_every_rank_fail_fast() {
+    an_abstainer_makes_every_rank_fail_fast(TestFaults::default(), false, Duration::from_secs(5))
+        .unwrap();
+}
+
+#[test]
+fn a_rank_whose_comm_failed_abstains_and_every_rank_fails_fast() {
+    an_abstainer_makes_every_rank_fail_fast(TestFaults::default(), true, Duration::from_secs(5))
+        .unwrap();
+}
+
+#[test]
+fn control_a_failed_rank_that_skips_instead_of_abstaining_leaves_its_peers_to_the_deadline() {
+    let faults = TestFaults {
+        no_abstain_when_failed: true,
+        ..TestFaults::default()
+    };
+    let e = an_abstainer_makes_every_rank_fail_fast(faults, true, Duration::from_millis(300))
+        .unwrap_err();
+    assert!(
+        e.contains("expected Diverged (a rank abstained), got Err(Agreement"),
+        "{e}"
+    );
+}
+
+/// The lost-agreement property: every rank's agreement all-reduce never
+/// completes; each rank's pass ends at the deadline with an `Agreement`
+/// error that names the call and the time waited, nothing registered, the
+/// comm failed, and detach still deregisters what it holds.
+fn a_lost_agreement_ends_at_the_deadline(faults: TestFaults) -> Result<(), String> {
+    let deadline = Duration::from_millis(150);
+    let mut job = Ranks::new(2, deadline, faults);
+    // Ten deadlines: ample for the ranks to end, short for a hang.
+    job.watchdog = deadline * 10;
+    // One registered segment per rank first.
+    job.run(|r, a, id| {
+        alloc_each(a, r, 1, &[]);
+        a.register(id).unwrap();
+    })
+    .unwrap();
+    for r in 0..2 {
+        job.world
+            .stall_next(job.agreement(r), SimOp::AllReduce)
+            .unwrap();
+    }
+    let got = job
+        .run(|r, a, id| {
+            alloc_each(a, r, 1, &[]);
+            a.register(id)
+        })
+        .map_err(|e| format!("stalled pass: {e}"))?;
+    for (r, p) in got.iter().enumerate() {
+        match p {
+            Err(RegisterError::Agreement {
+                source: BackendError::Timeout { call, waited, .. },
+                ..
+            }) if *call == "ncclAllReduce" && *waited >= deadline => {}
+            other => {
+                return Err(format!(
+                    "rank {r}: expected a timed-out agreement, got {other:?}"
+                ))
+            }
+        }
+    }
+    for (r, a) in job.allocs.iter().enumerate() {
+        let c = &a.stats().comms[0];
+        if c.state != CommState::Failed || c.pending != 1 || c.windows != 1 {
+            return Err(format!("rank {r}: {c:?}"));
+        }
+    }
+    job.finish();
+    Ok(())
+}
+
+#[test]
+fn a_lost_agreement_ends_at_the_deadline_with_a_timeout() {
+    a_lost_agreement_ends_at_the_deadline(TestFaults::default()).unwrap();
+}
+
+#[test]
+fn control_an_ignored_deadline_hangs_the_lost_agreement() {
+    let faults = TestFaults {
+        ignore_deadline: true,
+        ..TestFaults::default()
+    };
+    let e = a_lost_agreement_ends_at_the_deadline(faults).unwrap_err();
+    assert!(e.contains("stalled pass: ranks [0, 1] still waited"), "{e}");
+}
+
+#[test]
+fn an_unchecked_attach_makes_no_collective_and_abstain_refuses_it() {
+    let world = SimWorld::new(1);
+    let a = Allocator::new(world.rank(0).unwrap());
+    let id = a.attach(world.comm_create(&[0]).unwrap()[0]).unwrap();
+    assert!(a.agreement_comm(id).is_none());
+    assert!(matches!(a.abstain(id), RegisterError::NotChecked(c) if c == id));
+    let s = world.stats();
+    assert_eq!(
+        (s.all_reduces, s.live_comms),
+        (0, 1),
+        "no split, no all-reduce"
+    );
+    assert!(!a.stats().comms[0].checked);
+}
