@@ -55,6 +55,10 @@ STATS_FIELDS = [
     "agreements",
     "diverged",
     "agreement_failures",
+    "timeouts",
+    "stalls",
+    "comms_aborted",
+    "windows_dropped",
 ]
 
 

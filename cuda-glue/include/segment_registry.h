@@ -79,6 +79,10 @@ typedef struct segreg_stats {
     uint64_t agreements;           /* checked passes' agreements started */
     uint64_t diverged;             /* checked passes that ended diverged (nothing registered) */
     uint64_t agreement_failures;   /* checked passes whose agreement failed (comm failed) */
+    uint64_t timeouts;             /* calls ended at their deadline by an abort */
+    uint64_t stalls;               /* blocking calls past their deadline (reported only) */
+    uint64_t comms_aborted;        /* comms aborted at a deadline */
+    uint64_t windows_dropped;      /* windows of aborted comms, gone without an NCCL call */
 } segreg_stats_t;
 
 /* Initializes the process-wide allocator on real NCCL (>= 2.28) and the CUDA

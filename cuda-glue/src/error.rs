@@ -122,6 +122,31 @@ pub enum RegisterError {
         #[source]
         source: BackendError,
     },
+    /// A registration did not complete by the comm's deadline, so the comm
+    /// was aborted (by the glue, or through its owner's hook): it is
+    /// [`CommState::Aborted`](crate::CommState::Aborted) now, its windows
+    /// are gone (NCCL freed them), the process goes on.
+    #[error(
+        "{call} on {comm} did not complete in {waited:.1?}: the comm was aborted; \
+         its windows are gone; detach it (no NCCL call) and make a new comm"
+    )]
+    Timeout {
+        /// The comm.
+        comm: CommId,
+        /// The NCCL call that reached the deadline.
+        call: &'static str,
+        /// How long the calling thread waited.
+        waited: std::time::Duration,
+    },
+    /// The comm was aborted earlier (a call reached its deadline): no call
+    /// is made on it again; detach it.
+    #[error("{comm} was aborted ({reason}); detach it")]
+    Aborted {
+        /// The comm.
+        comm: CommId,
+        /// Why.
+        reason: String,
+    },
     /// [`Allocator::abstain`](crate::Allocator::abstain) on a comm that was
     /// not attached checked.
     #[error("{0} is not a checked comm (attach it with AttachOptions::checked)")]

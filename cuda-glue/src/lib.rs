@@ -53,6 +53,7 @@ pub mod real;
 pub mod sim;
 mod stats;
 mod util;
+mod watchdog;
 
 pub use allocator::{
     deadline_from_env, AbortHook, Allocator, AllocatorStats, AttachOptions, CommInfo, CommOwner,

@@ -191,6 +191,17 @@ stats_table! {
     diverged: counter,
     /// Checked passes whose agreement failed (its comm then failed).
     agreement_failures: counter,
+    /// Calls that reached their deadline and were ended by an abort (of
+    /// the comm, or of a checked comm's agreement comm).
+    timeouts: counter,
+    /// Calls on a borrowed blocking comm past their deadline, reported by
+    /// the watchdog (nothing may end them).
+    stalls: counter,
+    /// Comms aborted at a deadline (their state is `Aborted`).
+    comms_aborted: counter,
+    /// Windows of aborted comms that left the accounting without an NCCL
+    /// call (NCCL freed them inside the abort).
+    windows_dropped: counter,
 }
 
 fn windows_live(s: &AllocatorStats, _: u64) -> u64 {

@@ -9,132 +9,12 @@
 
 mod common;
 
-use std::sync::mpsc;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{assert_clean, MIB};
+use common::ranks::Ranks;
+use common::MIB;
 use segment_registry_nccl::sim::{set_alloc_site, SimBackend, SimOp, SimWorld};
-use segment_registry_nccl::{
-    Allocator, AttachOptions, BackendError, CommId, CommState, RawComm, RegisterError, TestFaults,
-};
-
-/// How long the harness waits for every rank before it calls a hang (the
-/// default; a run that is expected to hang sets a shorter one).
-const WATCHDOG: Duration = Duration::from_secs(10);
-
-/// Simulated ranks, one allocator each, one checked comm over all.
-struct Ranks {
-    world: std::sync::Arc<SimWorld>,
-    allocs: Vec<Allocator<SimBackend>>,
-    raws: Vec<RawComm>,
-    ids: Vec<CommId>,
-    watchdog: Duration,
-}
-
-impl Ranks {
-    /// `n` ranks whose allocators have `faults`, attaching one blocking
-    /// comm checked with `deadline` (collectively: one thread per rank).
-    fn new(n: usize, deadline: Duration, faults: TestFaults) -> Ranks {
-        let world = SimWorld::new(n);
-        let allocs: Vec<_> = (0..n)
-            .map(|r| Allocator::new(world.rank(r).unwrap()).with_test_faults(faults))
-            .collect();
-        let raws = world.comm_create(&(0..n).collect::<Vec<_>>()).unwrap();
-        let mut ranks = Ranks {
-            world,
-            allocs,
-            raws,
-            ids: Vec::new(),
-            watchdog: WATCHDOG,
-        };
-        let raws = ranks.raws.clone();
-        let opts = AttachOptions::new().checked().deadline(deadline);
-        let ids = ranks
-            .run_raw(|r, a| a.attach_with(raws[r], opts.clone()))
-            .expect("the checked attach returns on every rank");
-        ranks.ids = ids.into_iter().map(|id| id.unwrap()).collect();
-        ranks
-    }
-
-    /// Runs `f(rank, allocator)` on one thread per rank; `Err` naming the
-    /// ranks that were still waiting after [`WATCHDOG`] (their simulated
-    /// calls are then released, so the threads end).
-    fn run_raw<T: Send>(
-        &self,
-        f: impl Fn(usize, &Allocator<SimBackend>) -> T + Sync,
-    ) -> Result<Vec<T>, String> {
-        let (tx, rx) = mpsc::channel();
-        thread::scope(|s| {
-            let f = &f;
-            let mut handles = Vec::new();
-            for (r, a) in self.allocs.iter().enumerate() {
-                let tx = tx.clone();
-                handles.push(s.spawn(move || {
-                    let v = f(r, a);
-                    let _ = tx.send(r);
-                    v
-                }));
-            }
-            let start = Instant::now();
-            let mut done = vec![false; self.allocs.len()];
-            while done.iter().any(|d| !d) {
-                let left = self.watchdog.saturating_sub(start.elapsed());
-                match rx.recv_timeout(left) {
-                    Ok(r) => done[r] = true,
-                    Err(_) => break,
-                }
-            }
-            let hung: Vec<usize> = (0..done.len()).filter(|&r| !done[r]).collect();
-            if !hung.is_empty() {
-                self.world.release_all();
-            }
-            let out: Vec<T> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-            if hung.is_empty() {
-                Ok(out)
-            } else {
-                Err(format!(
-                    "ranks {hung:?} still waited after {:?}: a hang",
-                    self.watchdog
-                ))
-            }
-        })
-    }
-
-    /// [`run_raw`](Self::run_raw) with each rank's comm id.
-    fn run<T: Send>(
-        &self,
-        f: impl Fn(usize, &Allocator<SimBackend>, CommId) -> T + Sync,
-    ) -> Result<Vec<T>, String> {
-        self.run_raw(|r, a| f(r, a, self.ids[r]))
-    }
-
-    /// Frees everything, detaches the comm on every rank, destroys it, and
-    /// checks the accounting: every allocation freed once, every window
-    /// registered deregistered, nothing pending, no rule broken.
-    fn finish(self) {
-        for a in &self.allocs {
-            a.free_all();
-        }
-        self.run(|_, a, id| a.detach(id).map(drop))
-            .unwrap()
-            .into_iter()
-            .for_each(|d| d.unwrap());
-        for &raw in &self.raws {
-            self.world.comm_destroy(raw).unwrap();
-        }
-        for (r, a) in self.allocs.iter().enumerate() {
-            let s = a.stats();
-            assert_eq!(s.allocs, s.mem_frees, "rank {r}: {s:?}");
-            assert_eq!(
-                s.windows_registered, s.windows_deregistered,
-                "rank {r}: {s:?}"
-            );
-            assert_eq!((s.pending_frees, s.orphans), (0, 0), "rank {r}: {s:?}");
-        }
-        assert_clean(&self.world);
-    }
-}
+use segment_registry_nccl::{Allocator, BackendError, CommState, RegisterError, TestFaults};
 
 /// Every rank allocates `n` segments of 2 MiB; `extra` ranks one more,
 /// from an allocation site of its own (the simulator names buffers by site
@@ -283,13 +163,6 @@ fn a_skip_is_caught_by_the_pass_count(
     }
     job.finish();
     Ok(())
-}
-
-impl Ranks {
-    /// Rank `r`'s private agreement comm.
-    fn agreement(&self, r: usize) -> RawComm {
-        self.allocs[r].agreement_comm(self.ids[r]).unwrap()
-    }
 }
 
 #[test]

@@ -122,3 +122,75 @@ fn non_blocking_calls_poll_and_a_stalled_one_ends_by_an_abort_at_its_deadline() 
     b.mem_free(q).unwrap();
     assert_eq!(fake.outstanding(), (0, 0));
 }
+
+/// The allocator on the real backend and the fake's non-blocking comms.
+/// Comm A, checked: a checked attach (split, warm-up) and a checked pass of
+/// one rank, then an agreement that never completes ends at its deadline
+/// (its agreement comm aborted, A failed, its window kept). Comm B, owned
+/// and unchecked: a registration that never completes ends at its deadline
+/// with `Timeout`, B is aborted by the polling thread, NCCL freed its
+/// window. No call touches an aborted comm; every segment is freed once.
+#[test]
+fn the_allocator_ends_stalled_calls_at_their_deadline_on_real_nccl_calls() {
+    if !fake::in_child("the_allocator_ends_stalled_calls_at_their_deadline_on_real_nccl_calls") {
+        return;
+    }
+    use segment_registry_nccl::{AttachOptions, CommState, RegisterError};
+    let b = RealBackend::new().expect("the real backend on the fake library");
+    let fake = fake::Controls::load();
+    let (raw_a, raw_b) = (
+        b.comm_init_one_rank_nonblocking(0, &Wait::unbounded())
+            .unwrap(),
+        b.comm_init_one_rank_nonblocking(0, &Wait::unbounded())
+            .unwrap(),
+    );
+    let al = Allocator::new(b);
+    let deadline = Duration::from_millis(100);
+    let opts = AttachOptions::new().owned().deadline(deadline);
+    let a = al.attach_with(raw_a, opts.clone().checked()).unwrap();
+    let b_id = al.attach_with(raw_b, opts).unwrap();
+    al.alloc(2 * MIB, 0).unwrap();
+    assert_eq!(al.register(a).unwrap().windows, 1);
+    assert_eq!(al.register(b_id).unwrap().windows, 1);
+    al.alloc(2 * MIB, 0).unwrap();
+    fake.stall_next(); // A's agreement
+    let e = al.register(a).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            RegisterError::Agreement {
+                source: BackendError::Timeout {
+                    call: "ncclAllReduce",
+                    ..
+                },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(fake.abort_stats(), (1, 0, 0), "the agreement comm only");
+    fake.stall_next(); // B's registration
+    let e = al.register(b_id).unwrap_err();
+    assert!(matches!(e, RegisterError::Timeout { .. }), "{e}");
+    assert_eq!(fake.abort_stats(), (2, 0, 1), "B, and its one window");
+    let states: Vec<CommState> = al.stats().comms.iter().map(|c| c.state).collect();
+    assert_eq!(states, [CommState::Failed, CommState::Aborted]);
+    al.detach(a).unwrap(); // deregisters A's window
+    al.detach(b_id).unwrap(); // no NCCL call
+    al.free_all();
+    let s = al.stats();
+    assert_eq!(
+        (
+            s.mem_frees,
+            s.windows_registered,
+            s.windows_deregistered,
+            s.windows_dropped
+        ),
+        (2, 2, 1, 1),
+        "{s:?}"
+    );
+    assert_eq!(fake.abort_stats().1, 0, "no call after an abort");
+    // SAFETY: A was made by this test, detached, used by nobody else.
+    unsafe { al.backend().comm_destroy(raw_a) }.unwrap();
+    assert_eq!(fake.outstanding(), (0, 0));
+}

@@ -159,7 +159,7 @@ impl Agreement {
         lock(&self.lost).clone()
     }
 
-    fn mark_lost(&self, why: String) {
+    pub(super) fn mark_lost(&self, why: String) {
         lock(&self.lost).get_or_insert(why);
     }
 }
@@ -208,15 +208,26 @@ impl<B: Backend> Allocator<B> {
     pub(super) fn open_agreement(
         &self,
         raw: RawComm,
-        deadline: Duration,
+        opts: &AttachOptions,
     ) -> Result<Agreement, AttachError> {
+        let deadline = opts.resolved_deadline();
         let fail = |source| AttachError::Agreement { raw, source };
         let split_wait = if self.faults.ignore_deadline {
             Wait::unbounded()
         } else {
             Wait::give_up_after(deadline)
         };
-        let comm = self.backend.comm_split(raw, &split_wait).map_err(fail)?;
+        // The split is a call on the user's comm: if that comm is blocking,
+        // whether NCCL honours the child's non-blocking config is NCCL's
+        // business, so the watchdog watches it too.
+        let split = {
+            let _watch = matches!(opts.owner, CommOwner::Borrowed).then(|| {
+                let what = format!("ncclCommSplit of {raw:?} (a checked attach)");
+                crate::watchdog::watch(what, deadline, self.sink())
+            });
+            self.backend.comm_split(raw, &split_wait)
+        };
+        let comm = split.map_err(fail)?;
         let agreement = Agreement {
             comm,
             lost: Mutex::new(None),
@@ -258,6 +269,7 @@ impl<B: Backend> Allocator<B> {
             if let Err(e) = self.backend.comm_abort(a.comm) {
                 self.note(format!("aborting the agreement comm {:?}: {e}", a.comm));
             }
+            crate::stats::bump(&self.counters.timeouts);
             AtDeadline::Aborted
         };
         let wait = self.wait(deadline, &abort);

@@ -19,6 +19,7 @@ pub(super) const ACTIVE: u8 = 0;
 pub(super) const FAILED: u8 = 1;
 pub(super) const DETACHING: u8 = 2;
 pub(super) const DETACHED: u8 = 3;
+pub(super) const ABORTED: u8 = 4;
 
 /// The state of an attached comm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +32,14 @@ pub enum CommState {
     /// A detach began and could not deregister every window yet; call
     /// detach again.
     Detaching,
+    /// A call on it reached its deadline and the comm was aborted (by the
+    /// glue, or through its owner's hook): NCCL freed it and its windows,
+    /// which left the accounting without an NCCL call. No call is made on
+    /// it again; passes return
+    /// [`RegisterError::Aborted`](crate::RegisterError::Aborted); detach
+    /// it to forget it (no NCCL call). Its raw handle is no longer
+    /// attached: a new comm at the same address may be attached.
+    Aborted,
 }
 
 pub(super) struct CommEntry {
@@ -52,6 +61,8 @@ pub(super) struct CommEntry {
     pub(super) deadline: Duration,
     /// The private agreement comm of a checked comm.
     pub(super) agreement: Option<Agreement>,
+    /// In the raw index (until detach or abort takes it out, once).
+    pub(super) indexed: AtomicBool,
 }
 
 impl CommEntry {
@@ -69,6 +80,7 @@ impl CommEntry {
             stuck: Mutex::new(Vec::new()),
             saw_window: AtomicBool::new(false),
             saw_null_window: AtomicBool::new(false),
+            indexed: AtomicBool::new(true),
         }
     }
 
@@ -82,8 +94,25 @@ impl CommEntry {
         match self.state() {
             ACTIVE => CommState::Active,
             FAILED => CommState::Failed,
+            ABORTED => CommState::Aborted,
             _ => CommState::Detaching,
         }
+    }
+
+    /// Marks the comm aborted (from any state but detached), with why.
+    /// `false` if it was aborted (or detached) already.
+    pub(super) fn set_aborted(&self, reason: String) -> bool {
+        let mut f = lock(&self.failure);
+        // SeqCst: rare transition, read by every later call on the comm.
+        let r = self
+            .state
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
+                (s != ABORTED && s != DETACHED).then_some(ABORTED)
+            });
+        if r.is_ok() {
+            *f = Some(reason);
+        }
+        r.is_ok()
     }
 
     pub(super) fn fail(&self, reason: String) {
@@ -121,7 +150,7 @@ impl<B: Backend> Allocator<B> {
         }
         self.refuse_attached(&read(&self.comms), comm)?;
         let agreement = if opts.is_checked() {
-            Some(self.open_agreement(comm, opts.resolved_deadline())?)
+            Some(self.open_agreement(comm, &opts)?)
         } else {
             None
         };
@@ -145,7 +174,10 @@ impl<B: Backend> Allocator<B> {
         table: &std::collections::BTreeMap<CommId, Arc<CommEntry>>,
         comm: RawComm,
     ) -> Result<(), AttachError> {
-        match table.values().find(|e| e.raw == comm) {
+        match table
+            .values()
+            .find(|e| e.raw == comm && e.state() != ABORTED)
+        {
             Some(e) => Err(AttachError::AlreadyAttached {
                 raw: comm,
                 comm: e.id,
@@ -154,12 +186,26 @@ impl<B: Backend> Allocator<B> {
         }
     }
 
-    /// The id of an attached raw handle.
+    /// The id of an attached raw handle (an aborted comm's handle is no
+    /// longer attached).
     pub fn comm_id(&self, comm: RawComm) -> Option<CommId> {
         read(&self.comms)
             .values()
-            .find(|e| e.raw == comm)
+            .find(|e| e.raw == comm && e.state() != ABORTED)
             .map(|e| e.id)
+    }
+
+    /// [`comm_id`](Self::comm_id), else the last aborted comm that had the
+    /// handle and is not detached yet (so that the C ABI can detach it by
+    /// its handle).
+    pub fn comm_id_or_aborted(&self, comm: RawComm) -> Option<CommId> {
+        self.comm_id(comm).or_else(|| {
+            read(&self.comms)
+                .values()
+                .rev()
+                .find(|e| e.raw == comm)
+                .map(|e| e.id)
+        })
     }
 
     /// Attached comms, in attach order.

@@ -4,7 +4,7 @@ use std::sync::atomic::Ordering;
 
 use segment_registry::CommId;
 
-use super::comm::{CommEntry, DETACHED, DETACHING};
+use super::comm::{CommEntry, ABORTED, ACTIVE, DETACHED, DETACHING, FAILED};
 use super::Allocator;
 use crate::backend::Backend;
 use crate::error::DetachError;
@@ -25,7 +25,9 @@ impl<B: Backend> Allocator<B> {
     /// window it holds, and makes sure no free still has one queued or in
     /// hand; a checked comm's private agreement comm is then destroyed
     /// (call it at the same point on every rank). Required before the comm
-    /// is destroyed. On
+    /// is destroyed. An aborted comm is detached without any NCCL call
+    /// (its windows left the accounting at the abort); it must not be
+    /// destroyed (NCCL freed it). On
     /// [`DetachError::Incomplete`] the comm stays attached (no passes) and
     /// detach can be called again.
     pub fn detach(&self, comm: CommId) -> Result<DetachReport, DetachError> {
@@ -34,8 +36,14 @@ impl<B: Backend> Allocator<B> {
         if entry.state() == DETACHED {
             return Err(DetachError::NotAttached(comm));
         }
-        // SeqCst: rare transition.
-        entry.state.store(DETACHING, Ordering::SeqCst);
+        // An aborted comm stays aborted: what it held is dropped, not
+        // deregistered. SeqCst: rare transition.
+        let _ = entry
+            .state
+            .compare_exchange(ACTIVE, DETACHING, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = entry
+            .state
+            .compare_exchange(FAILED, DETACHING, Ordering::SeqCst, Ordering::SeqCst);
         let deregistered = self.forget_windows(&entry);
         // Barrier: frees that claimed a window of this comm before `forget`
         // hold the read lock until they have performed or queued it.
@@ -43,22 +51,30 @@ impl<B: Backend> Allocator<B> {
         // Run what they queued (waits for a free that is running some).
         entry.gate.call(|| (), |j| self.run_deferred(&entry, j));
         let stuck = self.retry_stuck_here(&entry);
-        if stuck > 0 {
+        let aborted = entry.state() == ABORTED;
+        if stuck > 0 && !aborted {
             return Err(DetachError::Incomplete {
                 comm,
                 remaining: stuck,
                 last: self.last_async_error().unwrap_or_default(),
             });
         }
+        if aborted {
+            self.drop_stuck(&entry);
+        }
         entry.state.store(DETACHED, Ordering::SeqCst); // SeqCst: rare transition.
         let mut table = write(&self.comms);
         table.remove(&comm);
-        self.raw_index.remove(entry.raw);
+        self.unindex(&entry);
         drop(table);
         if let Some(a) = &entry.agreement {
-            // The private comm goes with it (at the same program point on
-            // every rank, as the attach).
-            self.close_agreement(a, entry.deadline);
+            if aborted {
+                self.drop_agreement(a);
+            } else {
+                // The private comm goes with it (at the same program point
+                // on every rank, as the attach).
+                self.close_agreement(a, entry.deadline);
+            }
         }
         Ok(DetachReport { comm, deregistered })
     }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use segment_registry::{CommId, Hold, Segment, Untracked};
 
-use super::comm::CommEntry;
+use super::comm::{CommEntry, ABORTED};
+use super::deadline::comm_gone;
+use super::pass::DEREGISTER;
 use super::Allocator;
 use crate::backend::{Backend, Window};
 use crate::error::FreeError;
@@ -199,13 +201,22 @@ impl<B: Backend> Allocator<B> {
     /// Performs one deregistration on `entry`'s comm (the caller has the
     /// comm claimed). A failure keeps the job (and the memory) for a retry.
     pub(super) fn run_deferred(&self, entry: &CommEntry, job: Deferred) {
-        match self.backend.comm_window_deregister(entry.raw, job.window) {
+        if entry.state() == ABORTED {
+            // NCCL freed the window inside the comm's abort.
+            return self.drop_deferred(job);
+        }
+        let r = self.within(entry, DEREGISTER, |wait| {
+            self.backend
+                .comm_window_deregister_within(entry.raw, job.window, wait)
+        });
+        match r {
             Ok(()) => {
                 bump(&self.counters.windows_deregistered);
                 if let Some(p) = &job.free {
                     self.count_down(p);
                 }
             }
+            Err(e) if comm_gone(&e) => self.drop_deferred(job),
             Err(e) => {
                 bump(&self.counters.deregister_failures);
                 self.note(format!(
@@ -217,7 +228,8 @@ impl<B: Backend> Allocator<B> {
         }
     }
 
-    /// Retries the failed deregistrations of a comm.
+    /// Retries the failed deregistrations of a comm (an aborted one's are
+    /// dropped by `run_deferred`).
     pub(super) fn retry_stuck(&self, entry: &CommEntry) {
         let jobs = std::mem::take(&mut *lock(&entry.stuck));
         for job in jobs {

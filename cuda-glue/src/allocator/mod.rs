@@ -32,6 +32,18 @@
 //! drained once more. After a successful detach no call is ever made on the
 //! comm again.
 //!
+//! # Deadlines and aborted comms
+//!
+//! Every collective call ends by its comm's deadline (`deadline.rs`): on a
+//! comm the glue may abort (owned, or borrowed non-blocking with the
+//! owner's hook) the calling thread polls and aborts at the deadline, and
+//! the comm becomes [`CommState::Aborted`]: NCCL freed its windows inside
+//! the abort, so each of them leaves the accounting without an NCCL call
+//! (wherever it was: registered, queued, stuck, handed back, held by
+//! detach), and every segment's `ncclMemFree` still happens once. On a
+//! borrowed blocking comm the watchdog (`watchdog.rs`) reports the stall.
+//! `NEVER_HANG.md` has the protocol.
+//!
 //! # Window lookup
 //!
 //! [`Allocator::window_of`] answers "which window of this comm covers this
@@ -45,6 +57,7 @@
 
 mod checked;
 mod comm;
+mod deadline;
 mod detach;
 mod free;
 mod lookup;
@@ -104,8 +117,10 @@ pub struct Allocator<B: Backend> {
     /// Freed segments that a pass held when they were untracked, by
     /// `(addr, seq)`, until the registry's last hold is released.
     held_frees: Mutex<HashMap<(usize, u64), Arc<PendingFree>>>,
-    counters: Counters,
-    last_error: Mutex<Option<String>>,
+    /// Shared with the watchdog, which counts stalls.
+    counters: Arc<Counters>,
+    /// Shared with the watchdog, which reports stalls here too.
+    last_error: Arc<Mutex<Option<String>>>,
     /// The negative controls' switches (tests only; all off otherwise).
     faults: TestFaults,
 }
@@ -127,8 +142,8 @@ impl<B: Backend> Allocator<B> {
             comms: RwLock::new(BTreeMap::new()),
             raw_index: RawIndex::new(),
             held_frees: Mutex::new(HashMap::new()),
-            counters: Counters::default(),
-            last_error: Mutex::new(None),
+            counters: Arc::new(Counters::default()),
+            last_error: Arc::new(Mutex::new(None)),
             faults: TestFaults::default(),
         }
     }
@@ -144,7 +159,8 @@ impl<B: Backend> Allocator<B> {
     }
 
     /// The last error met on behalf of another caller (a deregistration or
-    /// `ncclMemFree` done by a pass or by another free), if any.
+    /// `ncclMemFree` done by a pass or by another free, a comm aborted at a
+    /// deadline, a stall the watchdog reported), if any.
     pub fn last_async_error(&self) -> Option<String> {
         lock(&self.last_error).clone()
     }

@@ -9,13 +9,17 @@ use segment_registry::{
     CommError, CommId, Hold, PassError as RegPassError, PassFailure, PassReport, Segment,
 };
 
-use super::comm::{CommEntry, ACTIVE, FAILED};
+use super::comm::{CommEntry, ABORTED, ACTIVE, FAILED};
+use super::deadline::comm_gone;
 use super::free::Deferred;
 use super::Allocator;
 use crate::backend::{Backend, BackendError, RawComm, Window, NCCL_WIN_COLL_SYMMETRIC};
 use crate::error::RegisterError;
 use crate::stats::bump;
 use crate::util::lock;
+
+const REGISTER: &str = "ncclCommWindowRegister";
+pub(super) const DEREGISTER: &str = "ncclCommWindowDeregister";
 
 /// What a registration pass did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,16 +114,38 @@ impl<B: Backend> Allocator<B> {
             handed_back: report.handed_back.len(),
         };
         self.settle(&entry, report);
-        match error {
+        let result = match error {
             None => Ok(summary),
             Some(e) => Err(self.pass_error(&entry, e)),
+        };
+        if entry.state() == ABORTED {
+            // Aborted during the pass: its agreement comm goes too (we
+            // hold the pass lock, the only user of it).
+            if let Some(a) = &entry.agreement {
+                self.drop_agreement(a);
+            }
+        }
+        result
+    }
+
+    /// The error of a pass on an aborted comm.
+    pub(super) fn aborted_error(&self, entry: &CommEntry) -> RegisterError {
+        RegisterError::Aborted {
+            comm: entry.id,
+            reason: lock(&entry.failure).clone().unwrap_or_default(),
         }
     }
 
     /// A pass refused before it began (`claim_pass` failed, the pass lock
     /// held): a checked comm that failed abstains, so that its peers fail
-    /// at once instead of at their deadline.
+    /// at once instead of at their deadline; an aborted one's agreement
+    /// comm goes with it.
     fn refused(&self, entry: &CommEntry, (error, pass): Refusal<'_>) -> RegisterError {
+        if let (RegisterError::Aborted { .. }, Some(_held)) = (&error, &pass) {
+            if let Some(a) = &entry.agreement {
+                self.drop_agreement(a);
+            }
+        }
         if let (RegisterError::Failed { .. }, Some(_held)) = (&error, pass) {
             let live = entry.agreement.as_ref().is_some_and(|a| a.lost().is_none());
             if live && !self.faults.no_abstain_when_failed {
@@ -139,8 +165,22 @@ impl<B: Backend> Allocator<B> {
     ) -> Result<Option<Window>, BackendError> {
         let r = entry.gate.call(
             || {
-                self.backend
-                    .comm_window_register(raw, seg.addr, seg.len, NCCL_WIN_COLL_SYMMETRIC)
+                if entry.state() == ABORTED {
+                    // A deregistration just before ended at its deadline.
+                    return Err(BackendError::Aborted {
+                        call: REGISTER,
+                        comm: raw,
+                    });
+                }
+                self.within(entry, REGISTER, |wait| {
+                    self.backend.comm_window_register_within(
+                        raw,
+                        seg.addr,
+                        seg.len,
+                        NCCL_WIN_COLL_SYMMETRIC,
+                        wait,
+                    )
+                })
             },
             |j| self.run_deferred(entry, j),
         );
@@ -179,6 +219,21 @@ impl<B: Backend> Allocator<B> {
         error: RegPassError<BackendError>,
     ) -> RegisterError {
         match error {
+            RegPassError::Callback {
+                error: BackendError::Timeout { call, waited, .. },
+                ..
+            } => {
+                bump(&self.counters.register_failures);
+                RegisterError::Timeout {
+                    comm: entry.id,
+                    call,
+                    waited,
+                }
+            }
+            RegPassError::Callback { .. } if entry.state() == ABORTED => {
+                bump(&self.counters.register_failures);
+                self.aborted_error(entry)
+            }
             RegPassError::Callback { segment, error } => {
                 bump(&self.counters.register_failures);
                 entry.fail(format!("registering segment {:#x}: {error}", segment.addr));
@@ -233,15 +288,37 @@ impl<B: Backend> Allocator<B> {
         hold: Hold<'_, Window>,
     ) -> bool {
         let r = entry.gate.call(
-            || self.backend.comm_window_deregister(entry.raw, window),
+            || {
+                if entry.state() == ABORTED {
+                    return Err(BackendError::Aborted {
+                        call: DEREGISTER,
+                        comm: entry.raw,
+                    });
+                }
+                self.within(entry, DEREGISTER, |wait| {
+                    self.backend
+                        .comm_window_deregister_within(entry.raw, window, wait)
+                })
+            },
             |j| self.run_deferred(entry, j),
         );
-        let Err(e) = r else {
-            bump(&self.counters.windows_deregistered);
-            if hold.release() {
-                self.registry_released(segment);
+        let e = match r {
+            Ok(()) => {
+                bump(&self.counters.windows_deregistered);
+                if hold.release() {
+                    self.registry_released(segment);
+                }
+                return true;
             }
-            return true;
+            Err(e) if comm_gone(&e) => {
+                // NCCL freed the window inside the comm's abort.
+                bump(&self.counters.windows_dropped);
+                if hold.release() {
+                    self.registry_released(segment);
+                }
+                return false;
+            }
+            Err(e) => e,
         };
         bump(&self.counters.deregister_failures);
         self.note(format!(
@@ -303,6 +380,13 @@ fn claim_pass(entry: &CommEntry) -> Result<MutexGuard<'_, ()>, Refusal<'_>> {
         ACTIVE => Ok(pass),
         FAILED => Err((
             RegisterError::Failed {
+                comm: entry.id,
+                reason: lock(&entry.failure).clone().unwrap_or_default(),
+            },
+            Some(pass),
+        )),
+        ABORTED => Err((
+            RegisterError::Aborted {
                 comm: entry.id,
                 reason: lock(&entry.failure).clone().unwrap_or_default(),
             },

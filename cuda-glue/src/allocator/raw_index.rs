@@ -2,10 +2,12 @@
 //! [`Allocator::window_of_raw`](super::Allocator::window_of_raw).
 
 use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use segment_registry::CommId;
 
 use crate::backend::RawComm;
+use crate::util::lock;
 
 /// Slots of the lock-free raw handle → comm id index. Comms attached beyond
 /// this many are found through the comm table (under its read lock).
@@ -30,8 +32,9 @@ pub(super) enum RawLookup {
 }
 
 /// Raw handle → comm id, readable without a lock (for
-/// [`Allocator::window_of_raw`](super::Allocator::window_of_raw)). Written only under the comm table's write
-/// lock (attach, the end of detach), so writers never race each other.
+/// [`Allocator::window_of_raw`](super::Allocator::window_of_raw)). Writers
+/// (attach, the end of detach, an abort at a deadline, which may run
+/// under the comm table's read lock) are serialized by `writer`.
 ///
 /// Readers never wait: a slot that is being written, or that changes while
 /// it is read, is skipped. That is linearizable because a slot changes only
@@ -46,6 +49,8 @@ pub(super) struct RawIndex {
     used: AtomicUsize,
     /// Attached comms that found no free slot.
     spilled: AtomicUsize,
+    /// Held by every writer: one at a time.
+    writer: Mutex<()>,
 }
 
 impl RawIndex {
@@ -60,13 +65,13 @@ impl RawIndex {
                 .collect(),
             used: AtomicUsize::new(0),
             spilled: AtomicUsize::new(0),
+            writer: Mutex::new(()),
         }
     }
 
-    /// Seqlock write of one slot. The caller holds the comm table's write
-    /// lock (the only writer).
+    /// Seqlock write of one slot. The caller holds `writer`.
     fn write(slot: &RawSlot, raw: usize, id: u64) {
-        // Relaxed: writers are serialized by the table lock.
+        // Relaxed: writers are serialized by `writer`.
         let s = slot.seq.load(Ordering::Relaxed);
         slot.seq.store(s + 1, Ordering::Relaxed);
         // Release fence: a reader that sees a new `raw`/`id` below also sees
@@ -79,9 +84,10 @@ impl RawIndex {
         slot.seq.store(s + 2, Ordering::Release);
     }
 
-    /// Records an attached comm. Caller holds the table's write lock.
+    /// Records an attached comm.
     pub(super) fn insert(&self, raw: RawComm, id: CommId) {
-        // Relaxed: only writers (serialized by the lock) change `raw`.
+        let _writer = lock(&self.writer);
+        // Relaxed: only writers (serialized by `writer`) change `raw`.
         let free = self
             .slots
             .iter()
@@ -100,14 +106,15 @@ impl RawIndex {
         }
     }
 
-    /// Forgets a detached comm. Caller holds the table's write lock.
-    pub(super) fn remove(&self, raw: RawComm) {
-        // Relaxed: as in `insert`. Attach refuses a handle already
-        // attached, so at most one slot holds `raw`.
-        let slot = self
-            .slots
-            .iter()
-            .find(|s| s.raw.load(Ordering::Relaxed) == raw.0);
+    /// Forgets a detached (or aborted) comm: the slot of `(raw, id)`; the
+    /// caller removes each comm once. A new comm may hold `raw` already
+    /// (NCCL reuses a freed comm's address), so the id must match too.
+    pub(super) fn remove(&self, raw: RawComm, id: CommId) {
+        let _writer = lock(&self.writer);
+        // Relaxed: as in `insert`.
+        let slot = self.slots.iter().find(|s| {
+            s.raw.load(Ordering::Relaxed) == raw.0 && s.id.load(Ordering::Relaxed) == id.0
+        });
         match slot {
             Some(s) => Self::write(s, 0, 0),
             None => {

@@ -1,6 +1,8 @@
 //! Helpers shared by the allocator tests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod ranks;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -60,33 +62,41 @@ impl Job {
     }
 }
 
-/// No violation, no live window, every window issued was deregistered.
+/// No violation, no live window, every window issued was deregistered (or
+/// freed by its comm's abort).
 pub fn assert_clean(world: &SimWorld) {
     let v = world.verify();
     assert!(v.is_empty(), "violations: {v:#?}");
     let s = world.stats();
     assert_eq!(s.live_windows, 0, "{s:?}");
-    assert_eq!(s.windows_issued, s.windows_deregistered, "{s:?}");
+    assert_eq!(
+        s.windows_issued,
+        s.windows_deregistered + s.windows_aborted,
+        "{s:?}"
+    );
     assert_deregistered_before_free(&world.trace());
 }
 
-/// In the trace, every window over an allocation is deregistered before
-/// that allocation's ncclMemFree.
+/// In the trace, every window over an allocation is deregistered (or freed
+/// by its comm's abort) before that allocation's ncclMemFree.
 pub fn assert_deregistered_before_free(trace: &[TraceEvent]) {
-    // (rank, raw, generation) -> ptr, for live windows.
-    let mut live: HashMap<(usize, usize, u64), usize> = HashMap::new();
+    // (rank, raw, generation) -> (comm, ptr), for live windows.
+    let mut live: HashMap<(usize, usize, u64), (RawComm, usize)> = HashMap::new();
     for (i, e) in trace.iter().enumerate() {
         match (e.op, e.window) {
             (SimOp::Register, Some(w)) if e.ok => {
-                live.insert((e.rank, w.raw, w.generation), e.ptr);
+                live.insert((e.rank, w.raw, w.generation), (e.comm, e.ptr));
             }
             (SimOp::Deregister, Some(w)) if e.ok => {
                 live.remove(&(e.rank, w.raw, w.generation));
             }
+            (SimOp::Abort, _) if e.ok => {
+                live.retain(|k, (c, _)| !(k.0 == e.rank && *c == e.comm));
+            }
             (SimOp::MemFree, _) if e.ok => {
                 let under: Vec<_> = live
                     .iter()
-                    .filter(|(k, &p)| k.0 == e.rank && p == e.ptr)
+                    .filter(|(k, &(_, p))| k.0 == e.rank && p == e.ptr)
                     .collect();
                 assert!(under.is_empty(), "event {i}: {e:?} frees under {under:?}");
             }
