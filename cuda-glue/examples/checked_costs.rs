@@ -74,7 +74,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             u_none.push(t);
         }
         let mut words = [7u64, 9];
-        let (r, t) = time(|| alloc.backend().all_reduce_max_u64(a, &mut words, &unbounded));
+        let (r, t) = time(|| {
+            alloc
+                .backend()
+                .all_reduce_max_u64(a, &mut words, &unbounded)
+        });
         r?;
         assert_eq!(words, [7, 9], "a one-rank max all-reduce is the identity");
         if !warm {
