@@ -31,7 +31,7 @@ def shard_row(outcomes_file: Path) -> tuple[dict[str, int], list[str], bool]:
             counts[key] += 1
         if summary == "MissedMutant":
             m = scenario["Mutant"]
-            missed.append(f"{m.get('file')}:{m.get('span', {}).get('start', {}).get('line')}: {m.get('name', m)}")
+            missed.append(str(m.get("name", m)))
     ended = data.get("end_time") is not None
     return counts, missed, ended
 

@@ -1,5 +1,6 @@
 //! Loom models of the segment registry's protocol (DESIGN.md, "Model
-//! checking"; the models themselves are in `tests/models.rs`).
+//! checking"; the models themselves are in `tests/models/`, one module per
+//! guarantee).
 //!
 //! Loom cannot run the crossbeam skiplist, so the models run the registry on
 //! [`ModelIndex`]: a fixed array of slots built from loom atomics only, with

@@ -174,3 +174,140 @@ impl std::fmt::Display for DigestRange {
         Ok(())
     }
 }
+
+#[cfg(all(test, not(feature = "loom")))]
+mod tests {
+    use super::*;
+
+    fn seg(len: usize, seq: u64) -> Segment {
+        Segment {
+            addr: 0x1000 * seq as usize,
+            len,
+            seq,
+        }
+    }
+
+    /// FNV-1a, written out from its definition, over the lengths' bytes.
+    fn fnv1a(lens: &[u64]) -> u64 {
+        let mut h: u64 = 14_695_981_039_346_656_037;
+        for l in lens {
+            for b in l.to_le_bytes() {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(1_099_511_628_211);
+            }
+        }
+        h
+    }
+
+    #[test]
+    fn the_lengths_hash_is_fnv1a_and_sees_order_and_sizes() {
+        let (a, b, c) = (seg(2 << 20, 1), seg(4 << 20, 2), seg(3 << 20, 3));
+        let ab = Digest::of_set(1, &[a, b]);
+        assert_eq!(ab.lengths_hash, fnv1a(&[2 << 20, 4 << 20]));
+        assert_eq!(Digest::of_set(1, &[]).lengths_hash, fnv1a(&[]));
+        // Same count and bytes, other order or other split: another hash.
+        let ba = Digest::of_set(1, &[b, a]);
+        let cc = Digest::of_set(1, &[c, c]);
+        assert_eq!((ab.segments, ab.bytes), (ba.segments, ba.bytes));
+        assert_eq!((ab.segments, ab.bytes), (cc.segments, cc.bytes));
+        assert_ne!(ab.lengths_hash, ba.lengths_hash);
+        assert_ne!(ab.lengths_hash, cc.lengths_hash);
+        assert_eq!((ab.passes, ab.abstain), (1, 0));
+    }
+
+    #[test]
+    fn one_max_reduction_gives_both_extremes_of_every_field() {
+        let ds = [
+            Digest {
+                abstain: 0,
+                passes: 4,
+                segments: 7,
+                bytes: u64::MAX,
+                lengths_hash: 3,
+            },
+            Digest {
+                abstain: 1,
+                passes: 2,
+                segments: 9,
+                bytes: 0,
+                lengths_hash: u64::MAX - 1,
+            },
+            Digest {
+                abstain: 0,
+                passes: 3,
+                segments: 8,
+                bytes: 5,
+                lengths_hash: 0,
+            },
+        ];
+        let mut r = [0u64; 2 * Digest::WORDS];
+        for d in &ds {
+            for (x, y) in r.iter_mut().zip(d.reduction_input()) {
+                *x = (*x).max(y);
+            }
+        }
+        let range = Digest::range_from_reduced(r);
+        for i in 0..Digest::WORDS {
+            let col = ds.iter().map(|d| d.to_words()[i]);
+            assert_eq!(
+                range.min.to_words()[i],
+                col.clone().min().unwrap(),
+                "min of field {i}"
+            );
+            assert_eq!(
+                range.max.to_words()[i],
+                col.max().unwrap(),
+                "max of field {i}"
+            );
+        }
+        for d in &ds {
+            assert_eq!(Digest::from_words(d.to_words()), *d);
+            assert_eq!(
+                Digest::range_from_reduced(d.reduction_input()),
+                DigestRange::of_one(*d)
+            );
+        }
+        assert!(!range.agrees());
+    }
+
+    #[test]
+    fn a_range_agrees_only_on_one_value_without_abstention() {
+        let d = Digest::of_set(2, &[seg(1 << 20, 1)]);
+        assert!(DigestRange::of_one(d).agrees());
+        assert!(!DigestRange::of_one(Digest { abstain: 1, ..d }).agrees());
+        assert!(!DigestRange {
+            min: d,
+            max: Digest { segments: 2, ..d }
+        }
+        .agrees());
+        assert!(!DigestRange {
+            min: Digest { passes: 1, ..d },
+            max: d
+        }
+        .agrees());
+        let s = d.without_sizes();
+        assert_eq!(
+            (s.bytes, s.lengths_hash, s.segments, s.passes),
+            (0, 0, 1, 2)
+        );
+    }
+
+    #[test]
+    fn the_range_says_what_differs() {
+        let d = Digest::of_set(1, &[seg(1 << 20, 1)]);
+        let text = DigestRange {
+            min: d,
+            max: Digest {
+                segments: 3,
+                abstain: 1,
+                ..d
+            },
+        }
+        .to_string();
+        assert_eq!(
+            text,
+            "1 to 3 segments (1048576 to 1048576 bytes), checked pass 1 to 1, a rank abstained"
+        );
+        assert!(!DigestRange::of_one(d).to_string().contains("abstained"));
+    }
+}

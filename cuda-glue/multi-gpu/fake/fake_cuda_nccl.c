@@ -138,7 +138,8 @@ CUresult cuGetErrorName(CUresult e, const char **s) { (void)e; *s = "CUDA_ERROR_
 
 typedef struct { char internal[128]; } ncclUniqueId;
 typedef struct fake_window fake_window;
-typedef struct {
+typedef struct fake_comm fake_comm;
+struct fake_comm {
     int nranks, rank, device;
     char tag[33];      /* hex of the id's random part: names the comm's files */
     unsigned long seq; /* collective calls so far */
@@ -148,8 +149,8 @@ typedef struct {
     int aborted;        /* ncclCommAbort ran: any later call is a use after free */
     int pending;        /* non-blocking: 1 a call answered ncclInProgress, 2 it never completes */
     unsigned long splits; /* children split off so far: names them */
-    void *next_aborted;   /* the list of aborted comms (kept, never freed) */
-} fake_comm;
+    fake_comm *next_aborted; /* the list of aborted comms (see ncclCommAbort) */
+};
 struct fake_window { fake_comm *comm; void *ptr; size_t size; fake_window *next; };
 /* The prefix of ncclConfig_t that the fake reads. */
 typedef struct { size_t size; unsigned magic, version; int blocking; } fake_config;
@@ -341,8 +342,9 @@ int ncclCommDestroy(fake_comm *c) {
     free(c);
     return 0;
 }
-/* Aborted comms, kept (so that a later call on one is seen, not a use
- * after free of the fake's own) and reachable from here (not a leak). */
+/* Aborted comms: kept (never freed) so that a later call on one is seen as
+ * a use after abort, and reachable from here so that LeakSanitizer, in a
+ * test process that loads the fake, does not report them. */
 static fake_comm *aborted_comms;
 
 /* Frees the comm's windows; the comm's memory stays (marked aborted). */

@@ -1,10 +1,9 @@
-//! The loom model of a checked pass's digest (DESIGN.md, "checked pass"):
-//! the digest a checked pass hands its agreement describes exactly the set
-//! it then registers, also while an untrack and a track race it. Its
-//! negative control computes the digest from a second walk of the log
+//! Checked passes (DESIGN.md §1 Agreement, §3 "checked pass"): the digest
+//! a checked pass hands its agreement describes exactly the set it then
+//! registers, also while an untrack and a track race it. The negative
+//! control computes the digest from a second walk of the log
 //! (`digest_from_second_walk`), which an untrack between the pass's hold
 //! and that walk makes describe another set.
-#![cfg(feature = "loom")]
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Mutex as StdMutex;
@@ -15,6 +14,7 @@ use loom::thread;
 use segment_registry::{Digest, DigestRange, Faults, Registry, Segment};
 use segment_registry_loom::{slot_addr, Model, ModelIndex, STRIDE};
 
+/// Windows are seqs here: the model checks digests, not hand-backs.
 type Reg = Registry<u32, u64, ModelIndex>;
 
 fn registry(faults: Faults) -> Arc<Reg> {
@@ -76,20 +76,27 @@ fn digest_races_untrack_and_track(faults: Faults) {
 
 static RUNS: AtomicUsize = AtomicUsize::new(0);
 #[test]
-fn checked_pass_digest_describes_the_set_it_registers() {
-    Model::new("checked pass digest races untrack and track", 3)
-        .check(&RUNS, || digest_races_untrack_and_track(Faults::NONE));
+fn a_checked_pass_digest_describes_the_set_it_registers() {
+    Model::new(
+        "agreement::a_checked_pass_digest_describes_the_set_it_registers",
+        3,
+    )
+    .check(&RUNS, || digest_races_untrack_and_track(Faults::NONE));
 }
 
 static RUNS_N: AtomicUsize = AtomicUsize::new(0);
 #[test]
 #[should_panic(expected = "the digest does not describe the set the pass registered")]
-fn checked_pass_negative_digest_from_a_second_walk_describes_another_set() {
+fn negative_digest_from_a_second_walk_describes_another_set() {
     let f = Faults {
         digest_from_second_walk: true,
         ..Faults::NONE
     };
-    Model::new("checked pass digest from a second walk", 3).check_fails(
+    Model::new(
+        "agreement::negative_digest_from_a_second_walk_describes_another_set",
+        3,
+    )
+    .check_fails(
         &RUNS_N,
         "the digest does not describe the set the pass registered",
         move || digest_races_untrack_and_track(f),
