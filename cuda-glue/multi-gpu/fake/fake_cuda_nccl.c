@@ -32,7 +32,9 @@
  * any later call on it (a use after free in NCCL) is counted
  * (fake_nccl_abort_stats). ncclAllReduce knows float sums and uint64 max;
  * ncclCommSplit knows one color per call site (NCCL_SPLIT_NOCOLOR gives
- * no comm). The CUDA side adds streams (always idle: work is done inside
+ * no comm); from a non-blocking parent it answers success with the child
+ * still NULL, and writes the child at the parent's next
+ * ncclCommGetAsyncError (what NCCL 2.28.9 did on the H200). The CUDA side adds streams (always idle: work is done inside
  * the call) and cuMemAlloc (host memory).
  *
  *   cc -shared -fPIC -O2 -o libfake.so fake_cuda_nccl.c
@@ -150,6 +152,8 @@ struct fake_comm {
     int pending;        /* non-blocking: 1 a call answered ncclInProgress, 2 it never completes */
     unsigned long splits; /* children split off so far: names them */
     fake_comm *next_aborted; /* the list of aborted comms (see ncclCommAbort) */
+    fake_comm **split_out;   /* non-blocking parent: where the split's child goes, */
+    fake_comm *split_child;  /* written when a poll of the parent completes it */
 };
 struct fake_window { fake_comm *comm; void *ptr; size_t size; fake_window *next; };
 /* The prefix of ncclConfig_t that the fake reads. */
@@ -367,6 +371,12 @@ int ncclCommFinalize(fake_comm *c) {
 int ncclCommGetAsyncError(fake_comm *c, int *state) {
     int rc = check_live(c);
     if (rc) return rc;
+    if (c->split_child) {
+        /* The split of this non-blocking parent completes now: NCCL writes
+         * the child's handle only then. */
+        *c->split_out = c->split_child;
+        c->split_child = NULL;
+    }
     *state = c->pending == 2 ? ncclInProgress : ncclSuccess;
     if (c->pending == 1) c->pending = 0;
     return 0;
@@ -412,6 +422,16 @@ int ncclCommSplit(fake_comm *parent, int color, int key, fake_comm **out, void *
     c->device = parent->device;
     c->blocking = config ? !wants_nonblocking(config) : parent->blocking;
     snprintf(c->tag, sizeof c->tag, "%.16s%08lx%08x", parent->tag, nth, (unsigned)color);
+    if (!parent->blocking) {
+        /* As NCCL 2.28.9 did on the H200 (docs/gpu-runs, 2026-12-04): a
+         * non-blocking parent's split answers success with the child still
+         * NULL; the handle appears once the split completes (here: at the
+         * parent's next ncclCommGetAsyncError). */
+        *out = NULL;
+        parent->split_out = out;
+        parent->split_child = c;
+        return ncclSuccess;
+    }
     *out = c;
     return done(c);
 }

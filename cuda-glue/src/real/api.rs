@@ -7,10 +7,12 @@
 //! return code into a [`BackendError`], as cudarc's `result()` does.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::OnceLock;
 
 use cudarc::nccl::sys::{
-    cudaStream_t, ncclComm_t, ncclConfig_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId, ncclWindow_t,
+    cudaStream_t, ncclComm, ncclComm_t, ncclConfig_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId,
+    ncclWindow_t,
 };
 
 use crate::backend::{
@@ -485,8 +487,18 @@ impl NcclApi {
         }
     }
 
-    /// `ncclCommSplit(parent, 0, key, &child, {blocking = 0})`, the child
-    /// polled until ready (aborted at `wait`'s deadline).
+    /// `ncclCommSplit(parent, 0, key, &child, {blocking = 0})`, then polled
+    /// until the child is ready; at `wait`'s deadline the child (if NCCL
+    /// handed it out) is aborted.
+    ///
+    /// NCCL writes the child's handle only when the split completes, and on
+    /// a non-blocking parent that is after the call returns (NCCL 2.28.9 on
+    /// the H200 answered `ncclSuccess` with the child still NULL): until
+    /// the handle appears, the parent's `ncclCommGetAsyncError` tells the
+    /// split's progress. The handle's slot is on the heap, because NCCL may
+    /// write it later from its own thread; it is freed once the handle was
+    /// read, and leaked (8 bytes, and a comm nobody destroys) if the
+    /// deadline passes first.
     ///
     /// # Safety
     /// `parent` is a live comm of this process, used by no other thread
@@ -499,24 +511,45 @@ impl NcclApi {
     ) -> Result<ncclComm_t, BackendError> {
         let f = present(self.comm_split, "ncclCommSplit")?;
         let mut config = nonblocking_config();
-        let mut child: ncclComm_t = std::ptr::null_mut();
-        // SAFETY: the caller's guarantee; valid out-pointer and config (NCCL
-        // copies the config during the call; `config` outlives the polling
-        // anyway).
-        let rc = unsafe { f(parent, 0, key, &mut child, &mut config) };
-        let in_progress = self.started("ncclCommSplit", rc, parent)?;
-        if child.is_null() {
-            return Err(BackendError::Nccl {
-                call: "ncclCommSplit",
-                code: rc,
-                message: "returned no child comm".into(),
-            });
+        let slot: *mut AtomicPtr<ncclComm> =
+            Box::into_raw(Box::new(AtomicPtr::new(std::ptr::null_mut())));
+        // SAFETY: just made; freed below only right before returning, after
+        // the last use of `cell`.
+        let cell = unsafe { &*slot };
+        // SAFETY: the caller's guarantee for `parent`; `cell` is a valid,
+        // heap-allocated `ncclComm_t` that outlives every write NCCL may
+        // make to it (freed only after the handle was read, else leaked);
+        // NCCL copies the config during the call.
+        let rc = unsafe { f(parent, 0, key, cell.as_ptr(), &mut config) };
+        // SAFETY: made by `Box::into_raw` above; NCCL writes it no more once
+        // the handle was read or the call failed.
+        let free_slot = || drop(unsafe { Box::from_raw(slot) });
+        if let Err(e) = self.started("ncclCommSplit", rc, parent) {
+            free_slot();
+            return Err(e);
         }
-        if in_progress {
-            // SAFETY: the child is ours and unused elsewhere.
-            unsafe { self.wait_own("ncclCommSplit", child, wait) }?;
+        loop {
+            // Acquire: NCCL's write of the handle happens after it made the
+            // child.
+            let child = cell.load(Ordering::Acquire);
+            if !child.is_null() {
+                free_slot();
+                // SAFETY: the child is ours and unused elsewhere.
+                unsafe { self.wait_own("ncclCommSplit", child, wait) }?;
+                return Ok(child);
+            }
+            // An error of the parent ends the wait. Whether the parent says
+            // "in progress" meanwhile is not documented, so "ready" does not
+            // end it: with color 0 a child always comes, or an error, or the
+            // deadline.
+            // (On an error the slot is leaked: see the docs.)
+            // SAFETY: the caller's guarantee for `parent`.
+            unsafe { self.async_error(parent) }?;
+            if wait.remaining() == Some(Default::default()) {
+                return Err(wait.timeout("ncclCommSplit", RawComm(parent as usize)));
+            }
+            std::thread::sleep(wait.poll_interval());
         }
-        Ok(child)
     }
 
     /// `ncclCommInitRankConfig` with `blocking = 0` on the current device,
