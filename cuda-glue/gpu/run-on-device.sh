@@ -6,7 +6,9 @@ set -uo pipefail
 bin=cuda-glue/device-bin
 PY=${PY:-/opt/torch/.venv/bin/python3}
 [ -x "$PY" ] || PY=python3
-export NCCL_NVLS_ENABLE=0
+# NVLink multicast stays off in every process (it can take the shared
+# host's GPUs out of service).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # cudarc looks for libnccl.so; the wheel ships libnccl.so.2 only.
 NCCL_LIB=$("$PY" -c 'import nvidia.nccl as m; print(list(m.__path__)[0] + "/lib")')
 shim=$(mktemp -d)
@@ -17,5 +19,6 @@ status=0
 step() { echo; echo "=== $*"; "$@" || { echo "=== FAILED ($?): $*"; status=1; }; }
 step "$bin/gpu_real" --ignored --test-threads=1 --nocapture
 step "$bin/segment-registry-demo" --real --iters 200
+step "$bin/checked_costs" "${CHECKED_COSTS_ITERS:-2000}"
 step "$PY" cuda-glue/gpu/torch_mempool.py --lib "$bin/libsegment_registry_nccl.so"
 exit $status

@@ -170,13 +170,12 @@ impl<'a> Wait<'a> {
         self.deadline.map(|d| d.saturating_sub(self.waited()))
     }
 
-    /// How long a poller sleeps between two polls: short at first, never
-    /// past the deadline.
-    pub fn poll_interval(&self) -> Duration {
-        let base = Duration::from_micros(200);
+    /// Never longer than the time left before the deadline (a poller that
+    /// slept `nap` must not overshoot it).
+    fn clip(&self, nap: Duration) -> Duration {
         match self.remaining() {
-            Some(r) if !r.is_zero() => r.min(base),
-            _ => base,
+            Some(r) if !r.is_zero() => r.min(nap),
+            _ => nap,
         }
     }
 
@@ -546,3 +545,37 @@ macro_rules! forward_backend {
 
 forward_backend!(Box);
 forward_backend!(std::sync::Arc);
+
+/// The pause between two polls of one call: a few yields first (a
+/// one-rank all-reduce or a registration on an idle GPU is done within
+/// microseconds, and a sleep would cost more than the call), then sleeps
+/// that double from 1 µs up to [`Backoff::MAX_NAP`], never past the
+/// deadline. One per poll loop.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    polls: u32,
+}
+
+impl Backoff {
+    /// Polls answered by a yield before the first sleep.
+    const YIELDS: u32 = 64;
+    /// The longest sleep between two polls.
+    pub const MAX_NAP: Duration = Duration::from_micros(200);
+
+    /// A fresh backoff, for a new call.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Waits before the next poll of `wait`'s call.
+    pub fn pause(&mut self, wait: &Wait<'_>) {
+        self.polls = self.polls.saturating_add(1);
+        if self.polls <= Self::YIELDS {
+            std::thread::yield_now();
+            return;
+        }
+        let doublings = (self.polls - Self::YIELDS).min(8);
+        let nap = Duration::from_micros(1u64 << doublings).min(Self::MAX_NAP);
+        std::thread::sleep(wait.clip(nap));
+    }
+}

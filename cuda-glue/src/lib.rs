@@ -61,8 +61,8 @@ pub use allocator::{
     DEFAULT_DEADLINE,
 };
 pub use backend::{
-    AtDeadline, Backend, BackendError, CommProgress, DeadlineAction, RawComm, Wait, Window,
-    MAX_AGREEMENT_WORDS, MEM_GRANULARITY, MIN_NCCL_VERSION, NCCL_IN_PROGRESS,
+    AtDeadline, Backend, BackendError, Backoff, CommProgress, DeadlineAction, RawComm, Wait,
+    Window, MAX_AGREEMENT_WORDS, MEM_GRANULARITY, MIN_NCCL_VERSION, NCCL_IN_PROGRESS,
     NCCL_WIN_COLL_SYMMETRIC, WINDOW_ALIGN,
 };
 pub use error::{AllocError, AttachError, DetachError, FreeError, RegisterError};

@@ -22,9 +22,12 @@
  *
  * Non-blocking comms (ncclCommInitRankConfig or ncclCommSplit with
  * config.blocking = 0): every call on one does its work inside the call
- * (waiting for peers like a blocking one) and then answers ncclInProgress;
- * the next ncclCommGetAsyncError says ncclSuccess. That exercises the
- * caller's polling; it is not NCCL's asynchrony. A test can make the next
+ * (waiting for peers like a blocking one); init and finalize then answer
+ * ncclInProgress, and the grouped calls (register, all-reduce, split)
+ * answer ncclSuccess, as NCCL 2.28.9 does; either way the comm stays "in
+ * progress" until the next ncclCommGetAsyncError, which says ncclSuccess,
+ * and a registration's window is written only by that poll. That exercises
+ * the caller's polling; it is not NCCL's asynchrony. A test can make the next
  * collective never complete (fake_nccl_stall_next): on a non-blocking comm
  * ncclCommGetAsyncError then says ncclInProgress until ncclCommAbort; on a
  * blocking one the call waits until fake_nccl_release_stalls. ncclCommAbort
@@ -34,7 +37,9 @@
  * ncclCommSplit knows one color per call site (NCCL_SPLIT_NOCOLOR gives
  * no comm); from a non-blocking parent it answers success with the child
  * still NULL, and writes the child at the parent's next
- * ncclCommGetAsyncError (what NCCL 2.28.9 did on the H200). The CUDA side adds streams (always idle: work is done inside
+ * ncclCommGetAsyncError, which still says ncclInProgress (what NCCL 2.28.9
+ * did on the H200). A collective call on a non-blocking comm whose last
+ * call was not polled to ncclSuccess is refused, as NCCL refuses it. The CUDA side adds streams (always idle: work is done inside
  * the call) and cuMemAlloc (host memory).
  *
  *   cc -shared -fPIC -O2 -o libfake.so fake_cuda_nccl.c
@@ -154,6 +159,8 @@ struct fake_comm {
     fake_comm *next_aborted; /* the list of aborted comms (see ncclCommAbort) */
     fake_comm **split_out;   /* non-blocking parent: where the split's child goes, */
     fake_comm *split_child;  /* written when a poll of the parent completes it */
+    fake_window **win_out;   /* non-blocking: where a registration's window goes, */
+    fake_window *win_ready;  /* written by the next ncclCommGetAsyncError */
 };
 struct fake_window { fake_comm *comm; void *ptr; size_t size; fake_window *next; };
 /* The prefix of ncclConfig_t that the fake reads. */
@@ -257,6 +264,17 @@ static int check_live(const fake_comm *c) {
     return ncclInvalidUsage;
 }
 
+/* check_live, and for a collective call also that the comm's previous call
+ * was polled to ncclSuccess: NCCL refuses a non-blocking comm's next call
+ * until then (NCCL 2.28.9 on the H200, docs/gpu-runs 2026-12-04). */
+static int check_ready(const fake_comm *c) {
+    int rc = check_live(c);
+    if (rc || (!c->pending && !c->split_child)) return rc;
+    snprintf(last_error, sizeof last_error,
+             "Attempt to use communicator before the previous operation returned ncclSuccess");
+    return ncclInvalidUsage;
+}
+
 /* Consumes an armed stall. On a non-blocking comm the call then answers
  * ncclInProgress for ever (until abort): returns 1. On a blocking one it
  * waits for fake_nccl_release_stalls and fails: returns -1. */
@@ -278,12 +296,21 @@ static int take_stall(fake_comm *c) {
     return 1;
 }
 
-/* The answer of a call that completed: ncclInProgress on a non-blocking
- * comm (the next poll says success), else success. */
+/* The answer of an init or finalize that completed: ncclInProgress on a
+ * non-blocking comm (the next poll says success), else success. */
 static int done(fake_comm *c) {
     if (c->blocking) return ncclSuccess;
     c->pending = 1;
     return ncclInProgress;
+}
+
+/* The answer of a grouped call (register, all-reduce) that completed: as
+ * NCCL 2.28.9, ncclSuccess also on a non-blocking comm, whose next poll
+ * then says success (NCCL drops the group end's ncclInProgress, so the
+ * caller has to poll after a success too). */
+static int grouped_done(fake_comm *c) {
+    if (!c->blocking) c->pending = 1;
+    return ncclSuccess;
 }
 
 /* Whether `config` asks for a non-blocking comm. */
@@ -365,7 +392,7 @@ int ncclCommAbort(fake_comm *c) {
     return 0;
 }
 int ncclCommFinalize(fake_comm *c) {
-    int rc = check_live(c);
+    int rc = check_ready(c);
     return rc ? rc : done(c);
 }
 int ncclCommGetAsyncError(fake_comm *c, int *state) {
@@ -376,6 +403,17 @@ int ncclCommGetAsyncError(fake_comm *c, int *state) {
          * the child's handle only then. */
         *c->split_out = c->split_child;
         c->split_child = NULL;
+        /* The poll that completes it still says "in progress": the
+         * caller has to poll the parent again to read success. */
+        c->pending = 1;
+        *state = ncclInProgress;
+        return 0;
+    }
+    if (c->win_ready) {
+        /* NCCL writes a non-blocking registration's window from its own
+         * thread, before the poll that says success. */
+        *c->win_out = c->win_ready;
+        c->win_ready = NULL;
     }
     *state = c->pending == 2 ? ncclInProgress : ncclSuccess;
     if (c->pending == 1) c->pending = 0;
@@ -400,7 +438,7 @@ int ncclCommCuDevice(const fake_comm *c, int *d) {
 /* Collective on `parent`: every rank gives (color, key); the ranks of one
  * color form a child, ordered by key then parent rank. */
 int ncclCommSplit(fake_comm *parent, int color, int key, fake_comm **out, void *config) {
-    int rc = check_live(parent);
+    int rc = check_ready(parent);
     if (rc || !out) return rc ? rc : ncclInvalidArgument;
     unsigned long seq = parent->seq++;
     int mine[2] = {color, key}, theirs[2];
@@ -523,7 +561,7 @@ int ncclMemFree(void *ptr) {
 /* Collective: every rank registers a buffer of the same size. */
 int ncclCommWindowRegister(fake_comm *c, void *buff, size_t size, fake_window **win, int flags) {
     (void)flags;
-    int rc0 = check_live(c);
+    int rc0 = check_ready(c);
     if (rc0 || !win) return rc0 ? rc0 : ncclInvalidArgument;
     int stalled = take_stall(c);
     if (stalled) return stalled > 0 ? ncclInProgress : ncclSystemError;
@@ -548,12 +586,18 @@ int ncclCommWindowRegister(fake_comm *c, void *buff, size_t size, fake_window **
     w->next = c->first;
     c->first = w;
     c->windows++;
-    *win = w;
-    return done(c);
+    if (c->blocking) {
+        *win = w;
+    } else {
+        *win = NULL;
+        c->win_out = win;
+        c->win_ready = w;
+    }
+    return grouped_done(c);
 }
 
 int ncclCommWindowDeregister(fake_comm *c, fake_window *w) {
-    int rc = check_live(c);
+    int rc = check_ready(c);
     if (rc || !w || w->comm != c) return rc ? rc : ncclInvalidArgument;
     fake_window **at = &c->first;
     while (*at && *at != w) at = &(*at)->next;
@@ -561,7 +605,8 @@ int ncclCommWindowDeregister(fake_comm *c, fake_window *w) {
     *at = w->next;
     c->windows--;
     free(w);
-    return done(c);
+    /* Not a grouped call in NCCL: done when it returns, also non-blocking. */
+    return ncclSuccess;
 }
 
 /* Collective: a sum of floats (ncclFloat32, ncclSum) or a max of uint64
@@ -571,7 +616,7 @@ int ncclAllReduce(const void *src, void *dst, size_t count, int dtype, int op, f
     (void)stream;
     int floats = dtype == ncclFloat32 && op == ncclSum;
     int words = dtype == ncclUint64 && op == ncclMax;
-    int rc = check_live(c);
+    int rc = check_ready(c);
     if (rc || (!floats && !words)) return rc ? rc : ncclInvalidArgument;
     int stalled = take_stall(c);
     if (stalled) return stalled > 0 ? ncclInProgress : ncclSystemError;
@@ -601,7 +646,7 @@ int ncclAllReduce(const void *src, void *dst, size_t count, int dtype, int op, f
     if (rc == 0) memcpy(dst, acc, bytes);
     free(acc);
     free(part);
-    return rc ? rc : done(c);
+    return rc ? rc : grouped_done(c);
 }
 
 /* ------------------------------------------------------- test controls */

@@ -17,7 +17,7 @@ use cudarc::nccl::sys::cudaStream_t;
 
 use super::backend::{live_comm, RealBackend};
 use super::context::driver;
-use crate::backend::{AtDeadline, BackendError, RawComm, Wait, MAX_AGREEMENT_WORDS};
+use crate::backend::{AtDeadline, BackendError, Backoff, RawComm, Wait, MAX_AGREEMENT_WORDS};
 use crate::util::lock;
 
 /// What one agreement comm's all-reduce uses.
@@ -144,6 +144,7 @@ impl RealBackend {
         stream: CUstream,
         wait: &Wait<'_>,
     ) -> Result<(), BackendError> {
+        let mut backoff = Backoff::new();
         loop {
             if stream_idle(stream)? {
                 return Ok(());
@@ -153,7 +154,7 @@ impl RealBackend {
             if wait.check() == Some(AtDeadline::Aborted) {
                 return Err(wait.timeout("ncclAllReduce", RawComm(c as usize)));
             }
-            std::thread::sleep(wait.poll_interval());
+            backoff.pause(wait);
         }
     }
 

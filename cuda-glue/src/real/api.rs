@@ -16,7 +16,8 @@ use cudarc::nccl::sys::{
 };
 
 use crate::backend::{
-    AtDeadline, BackendError, CommProgress, RawComm, Wait, MIN_NCCL_VERSION, NCCL_IN_PROGRESS,
+    AtDeadline, BackendError, Backoff, CommProgress, RawComm, Wait, MIN_NCCL_VERSION,
+    NCCL_IN_PROGRESS,
 };
 
 type GetVersionFn = unsafe extern "C" fn(*mut c_int) -> c_int;
@@ -389,19 +390,23 @@ impl NcclApi {
         self.result("ncclAllReduce", rc, Some(comm))
     }
 
-    /// A call's return code on a comm that may be non-blocking: `Ok(true)`
-    /// if it is still in progress (`ncclInProgress`), `Ok(false)` if it
-    /// completed, else its error.
-    fn started(
-        &self,
-        call: &'static str,
-        rc: c_int,
-        comm: ncclComm_t,
-    ) -> Result<bool, BackendError> {
+    /// A call's return code on a comm that may be non-blocking: `Ok` if it
+    /// was issued (`ncclSuccess` or `ncclInProgress`), else its error.
+    ///
+    /// Either way the caller polls the comm to success before it reads the
+    /// call's outputs or makes its next call: on a non-blocking comm NCCL
+    /// runs a grouped call (a window registration, a split, an all-reduce)
+    /// on its own thread and may answer `ncclSuccess` while that thread
+    /// still runs (its group end's `ncclInProgress` is dropped on the way
+    /// out), writes the outputs from that thread, and refuses the comm's
+    /// next call until `ncclCommGetAsyncError` answered success (NCCL 2.28.9
+    /// on the H200: a registration answered success with a null window).
+    /// On a blocking comm the poll answers success at once.
+    fn issued(&self, call: &'static str, rc: c_int, comm: ncclComm_t) -> Result<(), BackendError> {
         if rc == NCCL_IN_PROGRESS {
-            return Ok(true);
+            return Ok(());
         }
-        self.result(call, rc, Some(comm)).map(|()| false)
+        self.result(call, rc, Some(comm))
     }
 
     /// `ncclCommGetAsyncError`: ready, in progress, or the comm's error.
@@ -441,6 +446,7 @@ impl NcclApi {
         comm: ncclComm_t,
         wait: &Wait<'_>,
     ) -> Result<(), BackendError> {
+        let mut backoff = Backoff::new();
         loop {
             // SAFETY: the caller's guarantee; not aborted yet (we return
             // right after an abort below).
@@ -451,7 +457,7 @@ impl NcclApi {
             if wait.check() == Some(AtDeadline::Aborted) {
                 return Err(wait.timeout(call, RawComm(comm as usize)));
             }
-            std::thread::sleep(wait.poll_interval());
+            backoff.pause(wait);
         }
     }
 
@@ -467,13 +473,14 @@ impl NcclApi {
         comm: ncclComm_t,
         wait: &Wait<'_>,
     ) -> Result<(), BackendError> {
+        let mut backoff = Backoff::new();
         loop {
             // SAFETY: the caller's guarantee.
             let progress = unsafe { self.async_error(comm) };
             match progress {
                 Ok(CommProgress::Ready) => return Ok(()),
                 Ok(CommProgress::InProgress) if wait.remaining() != Some(Default::default()) => {
-                    std::thread::sleep(wait.poll_interval());
+                    backoff.pause(wait);
                 }
                 other => {
                     // SAFETY: ours, unused by anyone else; never used after.
@@ -487,9 +494,11 @@ impl NcclApi {
         }
     }
 
-    /// `ncclCommSplit(parent, 0, key, &child, {blocking = 0})`, then polled
-    /// until the child is ready; at `wait`'s deadline the child (if NCCL
-    /// handed it out) is aborted.
+    /// `ncclCommSplit(parent, 0, key, &child, {blocking = 0})`, then the
+    /// child polled until it is ready and the parent until its split
+    /// answered success; at `wait`'s deadline the child (if NCCL handed it
+    /// out) is aborted, and the parent is treated as any borrowed comm
+    /// (`wait`'s action).
     ///
     /// NCCL writes the child's handle only when the split completes, and on
     /// a non-blocking parent that is after the call returns (NCCL 2.28.9 on
@@ -524,10 +533,11 @@ impl NcclApi {
         // SAFETY: made by `Box::into_raw` above; NCCL writes it no more once
         // the handle was read or the call failed.
         let free_slot = || drop(unsafe { Box::from_raw(slot) });
-        if let Err(e) = self.started("ncclCommSplit", rc, parent) {
+        if let Err(e) = self.issued("ncclCommSplit", rc, parent) {
             free_slot();
             return Err(e);
         }
+        let mut backoff = Backoff::new();
         loop {
             // Acquire: NCCL's write of the handle happens after it made the
             // child.
@@ -536,6 +546,16 @@ impl NcclApi {
                 free_slot();
                 // SAFETY: the child is ours and unused elsewhere.
                 unsafe { self.wait_own("ncclCommSplit", child, wait) }?;
+                // NCCL refuses the parent's next call until a poll of the
+                // parent answered success, even after the child appeared
+                // (NCCL 2.28.9 on the H200).
+                // SAFETY: the caller's guarantee for `parent`.
+                if let Err(e) = unsafe { self.wait_done("ncclCommSplit", parent, wait) } {
+                    // SAFETY: ours, ready, unused by anyone else; never used
+                    // after.
+                    let _ = unsafe { self.comm_abort(child) };
+                    return Err(e);
+                }
                 return Ok(child);
             }
             // An error of the parent ends the wait. Whether the parent says
@@ -548,7 +568,7 @@ impl NcclApi {
             if wait.remaining() == Some(Default::default()) {
                 return Err(wait.timeout("ncclCommSplit", RawComm(parent as usize)));
             }
-            std::thread::sleep(wait.poll_interval());
+            backoff.pause(wait);
         }
     }
 
@@ -615,10 +635,9 @@ impl NcclApi {
         if let Some(finalize) = self.comm_finalize {
             // SAFETY: the caller's guarantee.
             let rc = unsafe { finalize(comm) };
-            if self.started("ncclCommFinalize", rc, comm)? {
-                // SAFETY: ours; aborted (and not used again) at the deadline.
-                unsafe { self.wait_own("ncclCommFinalize", comm, wait) }?;
-            }
+            self.issued("ncclCommFinalize", rc, comm)?;
+            // SAFETY: ours; aborted (and not used again) at the deadline.
+            unsafe { self.wait_own("ncclCommFinalize", comm, wait) }?;
         }
         // SAFETY: the caller's guarantee; finalized (or no finalize).
         unsafe { self.comm_destroy(comm) }
@@ -644,10 +663,9 @@ impl NcclApi {
         // until this function returns, after the call completed or the comm
         // was aborted (NCCL writes it no more either way).
         let rc = unsafe { (self.win_register)(comm, ptr, size, &mut win, flags) };
-        if self.started("ncclCommWindowRegister", rc, comm)? {
-            // SAFETY: the caller's guarantee.
-            unsafe { self.wait_done("ncclCommWindowRegister", comm, wait) }?;
-        }
+        self.issued("ncclCommWindowRegister", rc, comm)?;
+        // SAFETY: the caller's guarantee.
+        unsafe { self.wait_done("ncclCommWindowRegister", comm, wait) }?;
         Ok(win)
     }
 
@@ -664,10 +682,9 @@ impl NcclApi {
     ) -> Result<(), BackendError> {
         // SAFETY: the caller's guarantee.
         let rc = unsafe { (self.win_deregister)(comm, win) };
-        if self.started("ncclCommWindowDeregister", rc, comm)? {
-            // SAFETY: the caller's guarantee.
-            unsafe { self.wait_done("ncclCommWindowDeregister", comm, wait) }?;
-        }
+        self.issued("ncclCommWindowDeregister", rc, comm)?;
+        // SAFETY: the caller's guarantee.
+        unsafe { self.wait_done("ncclCommWindowDeregister", comm, wait) }?;
         Ok(())
     }
 
@@ -688,10 +705,9 @@ impl NcclApi {
         let f = present(self.all_reduce, "ncclAllReduce")?;
         // SAFETY: the caller's guarantee; in place.
         let rc = unsafe { f(buf, buf, count, UINT64, MAX, comm, stream) };
-        if self.started("ncclAllReduce", rc, comm)? {
-            // SAFETY: the caller's guarantee.
-            unsafe { self.wait_done("ncclAllReduce", comm, wait) }?;
-        }
+        self.issued("ncclAllReduce", rc, comm)?;
+        // SAFETY: the caller's guarantee.
+        unsafe { self.wait_done("ncclAllReduce", comm, wait) }?;
         Ok(())
     }
 
