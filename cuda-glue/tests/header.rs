@@ -440,3 +440,14 @@ fn python_script_stats_fields_match_the_header() {
         .collect();
     assert_eq!(py_fields, header_stats_fields());
 }
+
+#[test]
+fn the_export_macro_lists_exactly_the_header_functions() {
+    let header: Vec<String> = header_functions().into_keys().collect();
+    let mut listed: Vec<String> = segment_registry_nccl::capi::ENTRY_POINTS
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    listed.sort();
+    assert_eq!(header, listed);
+}

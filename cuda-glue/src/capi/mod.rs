@@ -22,21 +22,27 @@
 //! per outcome. The functions that existed before keep their behaviour.
 
 mod boundary;
+mod exports;
+mod global;
+mod one_state;
+
+pub use global::{global_allocator, global_sim_world, init, BackendKind, GlobalAllocator};
+pub use one_state::{state_probe, STATE_PROBE_SYMBOL};
+
+/// Every C entry point of the header, by name (what
+/// [`export_c_abi!`](crate::export_c_abi) exports, the probe aside).
+pub const ENTRY_POINTS: &[&str] = crate::__segreg_entry_points!(__segreg_entry_point_names);
 
 use std::ffi::{c_char, c_int, c_void};
-use std::sync::{Arc, Mutex, OnceLock};
 
 use segment_registry::{CommId, WindowLookupError};
 
 use boundary::{api, api_coded, last_error_ptr};
 
-use crate::allocator::{AbortHook, Allocator, AttachOptions, WindowError};
+use crate::allocator::{AbortHook, AttachOptions, WindowError};
 use crate::backend::{Backend, RawComm};
 use crate::error::RegisterError;
-use crate::real::RealBackend;
-use crate::sim::SimWorld;
 pub use crate::stats::SegregStats;
-use crate::util::lock;
 
 /// `cudaStream_t` as the C side passes it (unused: `ncclMemAlloc` and
 /// `ncclMemFree` are synchronous).
@@ -94,40 +100,6 @@ pub const SEGREG_ERR_NOT_CHECKED: c_int = -14;
 /// means it is not, and the call goes on waiting (the stall is reported).
 pub type SegregAbortFn = unsafe extern "C" fn(comm: *mut c_void, ctx: *mut c_void) -> c_int;
 
-struct Global {
-    alloc: Allocator<Box<dyn Backend>>,
-    sim: Option<Arc<SimWorld>>,
-}
-
-static GLOBAL: OnceLock<Global> = OnceLock::new();
-static INIT: Mutex<()> = Mutex::new(());
-
-fn global() -> Result<&'static Global, String> {
-    GLOBAL
-        .get()
-        .ok_or_else(|| "segment registry not initialized: call segreg_init first".to_string())
-}
-
-fn init_with(
-    kind: &'static str,
-    make: impl FnOnce() -> Result<Global, String>,
-) -> Result<c_int, String> {
-    let _serial = lock(&INIT);
-    if let Some(g) = GLOBAL.get() {
-        let have = g.alloc.backend().name();
-        return if have == kind {
-            Ok(0)
-        } else {
-            Err(format!("already initialized with the {have} backend"))
-        };
-    }
-    let g = make()?;
-    GLOBAL
-        .set(g)
-        .map_err(|_| "initialization raced".to_string())?;
-    Ok(0)
-}
-
 /// The deadline a C caller asks for: positive milliseconds, else the
 /// environment's (`SEGREG_DEADLINE_MS`) or the default.
 fn deadline_of(ms: i64) -> Option<std::time::Duration> {
@@ -164,11 +136,10 @@ fn comm_of(ptr: *mut c_void) -> Result<RawComm, String> {
 /// The allocator and the id of the attached raw comm `comm` (or of the
 /// aborted comm that had the handle, not detached yet, if no live one has
 /// it: so that its passes answer "aborted" and it can be detached).
-fn attached(comm: *mut c_void) -> Result<(&'static Global, CommId), String> {
+fn attached(comm: *mut c_void) -> Result<(&'static GlobalAllocator, CommId), String> {
     let raw = comm_of(comm)?;
-    let g = global()?;
+    let g = global_allocator()?;
     let id = g
-        .alloc
         .comm_id_or_aborted(raw)
         .ok_or_else(|| format!("{raw:?} is not attached"))?;
     Ok((g, id))
@@ -177,8 +148,7 @@ fn attached(comm: *mut c_void) -> Result<(&'static Global, CommId), String> {
 /// Attaches `comm` with `opts`; the id or the error's words.
 fn attach_with(comm: *mut c_void, opts: AttachOptions) -> Result<i64, String> {
     let raw = comm_of(comm)?;
-    let id = global()?
-        .alloc
+    let id = global_allocator()?
         .attach_with(raw, opts)
         .map_err(|e| e.to_string())?;
     i64::try_from(id.0).map_err(|_| "comm id overflow".to_string())
@@ -192,41 +162,21 @@ fn clamp(n: usize) -> c_int {
 /// (see [`segreg_last_error`]) if CUDA or NCCL is missing, NCCL is older
 /// than 2.28, or another backend was chosen already. Calling it again after
 /// success returns 0.
-#[no_mangle]
 pub extern "C" fn segreg_init() -> c_int {
-    api(-1, || {
-        init_with("nccl", || {
-            let b = RealBackend::new().map_err(|e| e.to_string())?;
-            Ok(Global {
-                alloc: Allocator::new(Box::new(b) as Box<dyn Backend>),
-                sim: None,
-            })
-        })
-    })
+    api(-1, || global::init(BackendKind::Nccl).map(|_| 0))
 }
 
 /// Initializes the process-wide allocator on the simulated backend (one
 /// rank; pointers are not dereferenceable). For tests. Returns 0 or -1.
-#[no_mangle]
 pub extern "C" fn segreg_init_sim() -> c_int {
-    api(-1, || {
-        init_with("sim", || {
-            let world = SimWorld::new(1);
-            let rank = world.rank(0).ok_or("no rank 0")?;
-            Ok(Global {
-                alloc: Allocator::new(Box::new(rank) as Box<dyn Backend>),
-                sim: Some(world),
-            })
-        })
-    })
+    api(-1, || global::init(BackendKind::Sim).map(|_| 0))
 }
 
 /// The backend's name ("nccl" or "sim"), or null before initialization.
 /// The string is static.
-#[no_mangle]
 pub extern "C" fn segreg_backend() -> *const c_char {
     api(std::ptr::null(), || {
-        Ok(match global()?.alloc.backend().name() {
+        Ok(match global_allocator()?.backend().name() {
             "nccl" => c"nccl".as_ptr(),
             "sim" => c"sim".as_ptr(),
             _ => std::ptr::null(),
@@ -236,12 +186,10 @@ pub extern "C" fn segreg_backend() -> *const c_char {
 
 /// `CUDAPluggableAllocator` alloc: `ncclMemAlloc(size)` on `device`, then
 /// track the segment. Returns null on failure. `stream` is unused.
-#[no_mangle]
 pub extern "C" fn segreg_alloc(size: usize, device: c_int, stream: CudaStream) -> *mut c_void {
     let _ = stream;
     api(std::ptr::null_mut(), || {
-        let p = global()?
-            .alloc
+        let p = global_allocator()?
             .alloc(size, device)
             .map_err(|e| e.to_string())?;
         Ok(p as *mut c_void)
@@ -252,12 +200,10 @@ pub extern "C" fn segreg_alloc(size: usize, device: c_int, stream: CudaStream) -
 /// queue it to a pass in flight), then `ncclMemFree` once nothing covers
 /// the memory. A null, unknown or already freed pointer is refused (last
 /// error set, nothing changed). `size`, `device` and `stream` are unused.
-#[no_mangle]
 pub extern "C" fn segreg_free(ptr: *mut c_void, size: usize, device: c_int, stream: CudaStream) {
     let _ = (size, device, stream);
     api((), || {
-        global()?
-            .alloc
+        global_allocator()?
             .free(ptr as usize)
             .map(drop)
             .map_err(|e| e.to_string())
@@ -266,11 +212,10 @@ pub extern "C" fn segreg_free(ptr: *mut c_void, size: usize, device: c_int, stre
 
 /// Attaches a raw `ncclComm_t`. Returns its id (> 0, never reused), or -1
 /// (null, already attached, not initialized).
-#[no_mangle]
 pub extern "C" fn segreg_attach(comm: *mut c_void) -> i64 {
     api(-1, || {
         let raw = comm_of(comm)?;
-        let id = global()?.alloc.attach(raw).map_err(|e| e.to_string())?;
+        let id = global_allocator()?.attach(raw).map_err(|e| e.to_string())?;
         i64::try_from(id.0).map_err(|_| "comm id overflow".to_string())
     })
 }
@@ -282,7 +227,6 @@ pub extern "C" fn segreg_attach(comm: *mut c_void) -> i64 {
 /// `deadline_ms` > 0 bounds every collective call on it (else
 /// `SEGREG_DEADLINE_MS`, else 10 minutes); a blocking comm is never
 /// aborted: a call past its deadline is reported. Returns the id, or -1.
-#[no_mangle]
 pub extern "C" fn segreg_attach_checked(comm: *mut c_void, deadline_ms: i64) -> i64 {
     api(-1, || {
         let mut opts = AttachOptions::new().checked();
@@ -305,7 +249,6 @@ pub extern "C" fn segreg_attach_checked(comm: *mut c_void, deadline_ms: i64) -> 
 /// # Safety
 /// `abort` must be callable from any thread with `comm` and `ctx` until
 /// the comm is detached, and must not unwind.
-#[no_mangle]
 pub unsafe extern "C" fn segreg_attach_nonblocking(
     comm: *mut c_void,
     checked: c_int,
@@ -344,11 +287,10 @@ pub unsafe extern "C" fn segreg_attach_nonblocking(
 /// registration failed, which marks the comm failed: detach it; on a
 /// checked comm also: the ranks disagree, the agreement failed; a call
 /// reached its deadline). [`segreg_register_status`] says which.
-#[no_mangle]
 pub extern "C" fn segreg_register(comm: *mut c_void) -> c_int {
     api(-1, || {
         let (g, id) = attached(comm)?;
-        let s = g.alloc.register(id).map_err(|e| e.to_string())?;
+        let s = g.register(id).map_err(|e| e.to_string())?;
         Ok(clamp(s.registered.len()))
     })
 }
@@ -365,14 +307,13 @@ pub extern "C" fn segreg_register(comm: *mut c_void) -> c_int {
 ///
 /// # Safety
 /// `registered` must be null or valid for a write of a `size_t`.
-#[no_mangle]
 pub unsafe extern "C" fn segreg_register_status(
     comm: *mut c_void,
     registered: *mut usize,
 ) -> c_int {
     let (code, n) = api_coded((SEGREG_ERR_INTERNAL, 0), || {
         let (g, id) = attached(comm).map_err(|m| ((SEGREG_ERR_NOT_ATTACHED, 0), m))?;
-        match g.alloc.register(id) {
+        match g.register(id) {
             Ok(s) => Ok((SEGREG_OK, s.registered.len())),
             Err(e) => Err(((register_code(&e), 0), e.to_string())),
         }
@@ -391,11 +332,10 @@ pub unsafe extern "C" fn segreg_register_status(
 /// [`SEGREG_ERR_DIVERGED`] instead of waiting for this one. Returns that
 /// code (the expected outcome), or why the rank could not take part
 /// ([`SEGREG_ERR_NOT_CHECKED`], [`SEGREG_ERR_BUSY`], ...).
-#[no_mangle]
 pub extern "C" fn segreg_abstain(comm: *mut c_void) -> c_int {
     let (code, ()) = api_coded((SEGREG_ERR_INTERNAL, ()), || {
         let (g, id) = attached(comm).map_err(|m| ((SEGREG_ERR_NOT_ATTACHED, ()), m))?;
-        let e = g.alloc.abstain(id);
+        let e = g.abstain(id);
         Err(((register_code(&e), ()), e.to_string()))
     });
     code
@@ -404,13 +344,12 @@ pub extern "C" fn segreg_abstain(comm: *mut c_void) -> c_int {
 /// Runs a pass for every attached comm, in attach order. Returns the total
 /// number of segments registered, or -1 if any comm's pass failed (the
 /// others still ran; the last error names the failures).
-#[no_mangle]
 pub extern "C" fn segreg_register_all() -> c_int {
     api(-1, || {
-        let g = global()?;
+        let g = global_allocator()?;
         let mut total = 0usize;
         let mut errors = Vec::new();
-        for (id, r) in g.alloc.register_all() {
+        for (id, r) in g.register_all() {
             match r {
                 Ok(s) => total += s.registered.len(),
                 Err(e) => errors.push(format!("{id}: {e}")),
@@ -427,11 +366,10 @@ pub extern "C" fn segreg_register_all() -> c_int {
 /// Detaches the comm: deregisters every window it holds. Call it before
 /// destroying the comm. Returns the number of windows deregistered, or -1
 /// (unknown comm, or some deregistrations failed: call it again).
-#[no_mangle]
 pub extern "C" fn segreg_detach(comm: *mut c_void) -> c_int {
     api(-1, || {
         let (g, id) = attached(comm)?;
-        let r = g.alloc.detach(id).map_err(|e| e.to_string())?;
+        let r = g.detach(id).map_err(|e| e.to_string())?;
         Ok(clamp(r.deregistered))
     })
 }
@@ -479,7 +417,6 @@ fn lookup_failure(e: &WindowError) -> (c_int, String) {
 /// # Safety
 /// `win` and `offset` must each be null (refused with
 /// [`SEGREG_ERR_INVALID`]) or valid for a write of their type.
-#[no_mangle]
 pub unsafe extern "C" fn segreg_window_get(
     comm: *mut c_void,
     ptr: *mut c_void,
@@ -493,9 +430,8 @@ pub unsafe extern "C" fn segreg_window_get(
             return Err(invalid("null output pointer (win or offset)".into()));
         }
         let raw = comm_of(comm).map_err(invalid)?;
-        let hit = global()
+        let hit = global_allocator()
             .map_err(invalid)?
-            .alloc
             .window_of_raw(raw, ptr as usize, size)
             .map_err(|e| {
                 let (code, msg) = lookup_failure(&e);
@@ -520,7 +456,6 @@ pub unsafe extern "C" fn segreg_window_get(
 ///
 /// # Safety
 /// `out` must be null or point to `size` writable bytes.
-#[no_mangle]
 pub unsafe extern "C" fn segreg_stats(out: *mut SegregStats, size: usize) -> c_int {
     api(-1, || {
         if out.is_null() {
@@ -532,9 +467,9 @@ pub unsafe extern "C" fn segreg_stats(out: *mut SegregStats, size: usize) -> c_i
                 std::mem::size_of::<SegregStats>()
             ));
         }
-        let g = global()?;
-        let sim_violations = g.sim.as_ref().map_or(0, |w| w.violations().len());
-        let value = SegregStats::from_stats(&g.alloc.stats(), sim_violations as u64);
+        let g = global_allocator()?;
+        let sim_violations = global_sim_world().map_or(0, |w| w.violations().len());
+        let value = SegregStats::from_stats(&g.stats(), sim_violations as u64);
         // SAFETY: non-null, and the caller guarantees `size` (checked equal
         // to the struct's size) writable bytes; unaligned write to be safe
         // with any caller buffer.
@@ -551,7 +486,6 @@ pub unsafe extern "C" fn segreg_stats(out: *mut SegregStats, size: usize) -> c_i
 /// where glibc has already destroyed them), no message is kept: it returns
 /// a static message saying so, whether or not the last call failed; the
 /// calls themselves work as always and their return values still tell.
-#[no_mangle]
 pub extern "C" fn segreg_last_error() -> *const c_char {
     last_error_ptr()
 }
@@ -559,10 +493,9 @@ pub extern "C" fn segreg_last_error() -> *const c_char {
 /// Sim backend only: creates a one-rank simulated comm and returns its raw
 /// handle (null on error). Handle values are reused after destroy, like
 /// `ncclComm_t` addresses.
-#[no_mangle]
 pub extern "C" fn segreg_sim_comm_create() -> *mut c_void {
     api(std::ptr::null_mut(), || {
-        let w = sim_world()?;
+        let w = global_sim_world()?;
         let c = w.comm_create(&[0]).map_err(|e| e.to_string())?;
         Ok(c.first()
             .map_or(std::ptr::null_mut(), |c| c.0 as *mut c_void))
@@ -572,10 +505,9 @@ pub extern "C" fn segreg_sim_comm_create() -> *mut c_void {
 /// Sim backend only: like [`segreg_sim_comm_create`], for a comm without
 /// symmetric support: its registrations succeed with a null window (as on
 /// NCCL 2.29+), so [`segreg_window_get`] answers [`SEGREG_ERR_NO_WINDOW`].
-#[no_mangle]
 pub extern "C" fn segreg_sim_comm_create_nosym() -> *mut c_void {
     api(std::ptr::null_mut(), || {
-        let w = sim_world()?;
+        let w = global_sim_world()?;
         let c = w
             .comm_create_without_symmetric(&[0])
             .map_err(|e| e.to_string())?;
@@ -586,10 +518,9 @@ pub extern "C" fn segreg_sim_comm_create_nosym() -> *mut c_void {
 
 /// Sim backend only: like [`segreg_sim_comm_create`], for a non-blocking
 /// comm (its calls honour deadlines and may be aborted).
-#[no_mangle]
 pub extern "C" fn segreg_sim_comm_create_nonblocking() -> *mut c_void {
     api(std::ptr::null_mut(), || {
-        let w = sim_world()?;
+        let w = global_sim_world()?;
         let c = w.comm_create_nonblocking(&[0]).map_err(|e| e.to_string())?;
         Ok(c.first()
             .map_or(std::ptr::null_mut(), |c| c.0 as *mut c_void))
@@ -598,11 +529,10 @@ pub extern "C" fn segreg_sim_comm_create_nonblocking() -> *mut c_void {
 
 /// Sim backend only: the comm's next registration never completes until
 /// the comm is aborted (a lost rendezvous). Returns 0 or -1.
-#[no_mangle]
 pub extern "C" fn segreg_sim_stall_next_register(comm: *mut c_void) -> c_int {
     api(-1, || {
         let raw = comm_of(comm)?;
-        sim_world()?
+        global_sim_world()?
             .stall_next(raw, crate::sim::SimOp::Register)
             .map_err(|e| e.to_string())?;
         Ok(0)
@@ -611,11 +541,10 @@ pub extern "C" fn segreg_sim_stall_next_register(comm: *mut c_void) -> c_int {
 
 /// Sim backend only: `ncclCommAbort` of a simulated comm, as its owner's
 /// abort hook would call it. Returns 0 or -1.
-#[no_mangle]
 pub extern "C" fn segreg_sim_comm_abort(comm: *mut c_void) -> c_int {
     api(-1, || {
         let raw = comm_of(comm)?;
-        let rank = sim_world()?.rank(0).ok_or("no rank 0")?;
+        let rank = global_sim_world()?.rank(0).ok_or("no rank 0")?;
         rank.comm_abort(raw).map_err(|e| e.to_string())?;
         Ok(0)
     })
@@ -623,28 +552,21 @@ pub extern "C" fn segreg_sim_comm_abort(comm: *mut c_void) -> c_int {
 
 /// Sim backend only: destroys a simulated comm (violations are recorded if
 /// windows are still registered on it). Returns 0 or -1.
-#[no_mangle]
 pub extern "C" fn segreg_sim_comm_destroy(comm: *mut c_void) -> c_int {
     api(-1, || {
         let raw = comm_of(comm)?;
-        sim_world()?.comm_destroy(raw).map_err(|e| e.to_string())?;
+        global_sim_world()?
+            .comm_destroy(raw)
+            .map_err(|e| e.to_string())?;
         Ok(0)
     })
 }
 
 /// Sim backend only: the number of NCCL rule violations recorded (after
 /// the end-of-run checks), or -1.
-#[no_mangle]
 pub extern "C" fn segreg_sim_violations() -> i64 {
     api(-1, || {
-        let n = sim_world()?.verify().len();
+        let n = global_sim_world()?.verify().len();
         i64::try_from(n).map_err(|_| "overflow".to_string())
     })
-}
-
-fn sim_world() -> Result<&'static Arc<SimWorld>, String> {
-    global()?
-        .sim
-        .as_ref()
-        .ok_or_else(|| "not the simulated backend".to_string())
 }
