@@ -116,10 +116,16 @@ macro_rules! stats_table {
 
             /// The C copy of a snapshot; `sim_violations` is the simulated
             /// backend's violation count (0 for real NCCL).
-            pub(crate) fn from_stats(stats: &AllocatorStats, sim_violations: u64) -> Self {
+            pub fn from_stats(stats: &AllocatorStats, sim_violations: u64) -> Self {
                 SegregStats {
                     $($cname: stats_table!(@value stats, sim_violations, $cname, $how),)*
                 }
+            }
+
+            /// Each field's name and value, in order (the Python package's
+            /// statistics).
+            pub fn named(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($cname), self.$cname),)*]
             }
         }
     };

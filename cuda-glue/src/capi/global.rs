@@ -34,6 +34,23 @@ impl BackendKind {
     }
 }
 
+/// Why the process-wide allocator could not be initialized.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InitError {
+    /// It already runs on the other backend.
+    #[error("already initialized with the {have} backend; one process has one backend")]
+    OtherBackend {
+        /// The backend it runs on.
+        have: &'static str,
+    },
+    /// The backend could not start (CUDA or NCCL missing or too old).
+    #[error("{0}")]
+    Backend(String),
+    /// Another copy of this library holds the process-wide allocator.
+    #[error("{0}")]
+    OtherCopy(String),
+}
+
 struct Global {
     alloc: GlobalAllocator,
     sim: Option<Arc<SimWorld>>,
@@ -49,25 +66,22 @@ static INIT: Mutex<()> = Mutex::new(());
 /// the backend cannot start (CUDA or NCCL missing or too old), or if
 /// another copy of this library already holds its own process-wide
 /// allocator in this process (see `one_state.rs`).
-pub fn init(kind: BackendKind) -> Result<&'static GlobalAllocator, String> {
+pub fn init(kind: BackendKind) -> Result<&'static GlobalAllocator, InitError> {
     let _serial = lock(&INIT);
     if let Some(g) = GLOBAL.get() {
         let have = g.alloc.backend().name();
         return if have == kind.name() {
             Ok(&g.alloc)
         } else {
-            Err(format!(
-                "already initialized with the {have} backend; one process has one backend"
-            ))
+            Err(InitError::OtherBackend { have })
         };
     }
-    one_state::claim()?;
-    let made = make(kind);
-    let g = match made {
+    one_state::claim().map_err(InitError::OtherCopy)?;
+    let g = match make(kind) {
         Ok(g) => g,
         Err(e) => {
             one_state::release();
-            return Err(e);
+            return Err(InitError::Backend(e));
         }
     };
     let g = GLOBAL.get_or_init(|| g);

@@ -26,7 +26,9 @@ mod exports;
 mod global;
 mod one_state;
 
-pub use global::{global_allocator, global_sim_world, init, BackendKind, GlobalAllocator};
+pub use global::{
+    global_allocator, global_sim_world, init, BackendKind, GlobalAllocator, InitError,
+};
 pub use one_state::{state_probe, STATE_PROBE_SYMBOL};
 
 /// Every C entry point of the header, by name (what
@@ -163,13 +165,21 @@ fn clamp(n: usize) -> c_int {
 /// than 2.28, or another backend was chosen already. Calling it again after
 /// success returns 0.
 pub extern "C" fn segreg_init() -> c_int {
-    api(-1, || global::init(BackendKind::Nccl).map(|_| 0))
+    api(-1, || {
+        global::init(BackendKind::Nccl)
+            .map(|_| 0)
+            .map_err(|e| e.to_string())
+    })
 }
 
 /// Initializes the process-wide allocator on the simulated backend (one
 /// rank; pointers are not dereferenceable). For tests. Returns 0 or -1.
 pub extern "C" fn segreg_init_sim() -> c_int {
-    api(-1, || global::init(BackendKind::Sim).map(|_| 0))
+    api(-1, || {
+        global::init(BackendKind::Sim)
+            .map(|_| 0)
+            .map_err(|e| e.to_string())
+    })
 }
 
 /// The backend's name ("nccl" or "sim"), or null before initialization.
