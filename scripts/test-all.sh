@@ -39,5 +39,9 @@ section "mypy --strict"
 (cd python && "$py" -m mypy --strict --python-version 3.11 segment_registry tests)
 
 section "pytest"
+# The standalone C library too: the one-state test loads it beside the
+# package's own.
+cargo build --locked --quiet -p segment-registry-nccl --lib
+export SEGREG_CDYLIB=$root/target/debug/libsegment_registry_nccl.so
 # From a folder without the sources, so the installed package is tested.
 (cd "$root/target" && "$py" -m pytest -v -p no:cacheprovider "$root/python/tests")

@@ -8,8 +8,6 @@ entry points of ``include/segment_registry.h`` (``segreg_alloc``,
 
 from typing import Callable, Final
 
-__file__: str
-
 #: Every function of the C header this module exports (the export test
 #: checks them with ``nm -D``).
 C_ENTRY_POINTS: Final[tuple[str, ...]]

@@ -71,13 +71,11 @@ impl Allocator {
     /// The id of the attached raw comm `comm` (an aborted one not yet
     /// detached included).
     fn id(&self, comm: usize) -> PyResult<CommId> {
-        self.get()
-            .comm_id_or_aborted(RawComm(comm))
-            .ok_or_else(|| {
-                NotAttachedError::new_err(format!(
-                    "comm {comm:#x} is not attached (never, or detached): attach it first"
-                ))
-            })
+        self.get().comm_id_or_aborted(RawComm(comm)).ok_or_else(|| {
+            NotAttachedError::new_err(format!(
+                "comm {comm:#x} is not attached (never, or detached): attach it first"
+            ))
+        })
     }
 }
 

@@ -128,9 +128,15 @@ create_exception!(
 /// Adds every exception class to the module.
 pub(crate) fn add_all(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
-    m.add("SegmentRegistryError", py.get_type::<SegmentRegistryError>())?;
+    m.add(
+        "SegmentRegistryError",
+        py.get_type::<SegmentRegistryError>(),
+    )?;
     m.add("NotInitializedError", py.get_type::<NotInitializedError>())?;
-    m.add("BackendUnavailableError", py.get_type::<BackendUnavailableError>())?;
+    m.add(
+        "BackendUnavailableError",
+        py.get_type::<BackendUnavailableError>(),
+    )?;
     m.add("DuplicateStateError", py.get_type::<DuplicateStateError>())?;
     m.add("AllocError", py.get_type::<AllocError>())?;
     m.add("BadPointerError", py.get_type::<BadPointerError>())?;
