@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs the Python package's GPU checks on a GPU host (PyTorch, CUDA and
+# NCCL installed; no Rust), from the repository root, with the wheel that
+# `bash python/gpu/build-wheel.sh` left in .whl/ carried. Every step runs;
+# the exit status is non-zero if any failed. Output goes to stdout and, per
+# step, to $OUT (when set).
+set -uo pipefail
+PY=${PY:-/opt/torch/.venv/bin/python3}
+[ -x "$PY" ] || PY=python3
+# NVLink multicast stays off in every process (it can take the shared
+# host's GPUs out of service).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+site=$(mktemp -d)
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target "$site" .whl/segment_registry-*.whl || exit 1
+export PYTHONPATH=$site
+# cudarc looks for libnccl.so; the NCCL wheel ships libnccl.so.2 only.
+NCCL_LIB=$("$PY" -c 'import nvidia.nccl as m; print(list(m.__path__)[0] + "/lib")')
+shim=$(mktemp -d)
+ln -sf "$NCCL_LIB/libnccl.so.2" "$shim/libnccl.so"
+export LD_LIBRARY_PATH="$shim:$NCCL_LIB:${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+"$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "NCCL", torch.cuda.nccl.version())'
+status=0
+step() {
+  local name=$1; shift
+  echo; echo "=== $name: $*"
+  if [ -n "${OUT:-}" ]; then
+    "$@" 2>&1 | tee "$OUT/$name.log"; local rc=${PIPESTATUS[0]}
+  else
+    "$@"; local rc=$?
+  fi
+  [ "$rc" = 0 ] || { echo "=== FAILED ($rc): $name"; status=1; }
+}
+step sglang-shape "$PY" python/gpu/sglang_shape.py
+step bench-register "$PY" python/gpu/bench_register.py
+exit $status
