@@ -22,7 +22,9 @@ Core API (no PyTorch needed)::
     alloc.free(ptr)
     alloc.detach(comm)
 
-With PyTorch, :mod:`segment_registry.torch` gives a shared ``MemPool`` and
+Regions (:class:`SymmetricMemory`, torch-free, behind :class:`RegionHooks`)
+register at their exit what a group's comm lacks. With PyTorch,
+:mod:`segment_registry.torch` gives a shared ``MemPool`` and
 ``use_symmetric_memory(group)``, shaped like SGLang's allocator.
 """
 
@@ -57,6 +59,7 @@ from ._native import (
     sim_comm_create,
     sim_comm_destroy,
 )
+from .region import DeferredRegistrationWarning, RegionHooks, StallWarning, SymmetricMemory
 from .stats import Stats, stats
 
 
@@ -86,6 +89,7 @@ __all__ = [
     "BusyError",
     "CommFailedError",
     "CommInfo",
+    "DeferredRegistrationWarning",
     "DetachError",
     "DivergedError",
     "DuplicateStateError",
@@ -95,9 +99,12 @@ __all__ = [
     "NotInitializedError",
     "NotRegisteredError",
     "PassSummary",
+    "RegionHooks",
     "SegmentRegistryError",
     "SimWorld",
+    "StallWarning",
     "Stats",
+    "SymmetricMemory",
     "TimeoutError",
     "global_allocator",
     "init",
