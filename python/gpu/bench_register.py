@@ -226,6 +226,10 @@ def main() -> None:
         "vllm": vllm_register,
         "sgl_reg": base.sgl_register,
     }
+    env["is_attached"] = alloc.is_attached
+    env["py_fn"] = lambda comm: comm
+    bench(reg, "floor: a Python function of one argument", "py_fn(cu)", env)
+    bench(reg, "floor: Allocator.is_attached(comm), PyO3, no pass", "is_attached(cu)", env)
     bench(reg, "ours: Allocator.register(comm), PyO3, unchecked", "reg(cu)", env)
     bench(reg, "ours: Allocator.register(comm), PyO3, checked", "reg(cc)", env, "one all-reduce")
     bench(reg, "ours: segreg_register(comm), C ABI via ctypes, unchecked", "capi_reg(cu_p)", env)
@@ -250,6 +254,21 @@ def main() -> None:
         region,
         "floor: torch.cuda.use_mem_pool(pool) alone (SGLang's exit)",
         "with use_mem_pool(pool):\n    pass",
+        env,
+    )
+    print("\n# the region's parts (the torch hooks)")
+    part = "region parts"
+    env.update(
+        hooks=hooks,
+        backend_of=lambda g: g._get_backend(torch.device("cuda", torch.cuda.current_device())),
+    )
+    bench(part, "hooks.comm_of(group), remembered", "hooks.comm_of(w)", env)
+    bench(part, "PyTorch: _get_backend(device)._comm_ptr()", "backend_of(w)._comm_ptr()", env)
+    bench(part, "hooks.is_capturing()", "hooks.is_capturing()", env)
+    bench(
+        part,
+        "hooks.enter_pool + leave_pool",
+        "hooks.enter_pool(False); hooks.leave_pool(False)",
         env,
     )
 
@@ -279,8 +298,11 @@ def main() -> None:
             "cf(ca(sz, dev, None), sz, dev, None)",
             env,
         )
-        ours.note = f"+{ours.median_us - bare.median_us:.2f} µs over bare"
-        ours_c.note = f"+{ours_c.median_us - bare.median_us:.2f} µs over bare"
+        for r in (ours, ours_c):
+            r.note = (
+                f"{r.median_us - bare.median_us:+.2f} µs over bare (median), "
+                f"{r.min_us - bare.min_us:+.2f} (min)"
+            )
     s = alloc.stats_dict()
     assert s["alloc_failures"] == 0 and s["bad_frees"] == 0, s
 

@@ -21,6 +21,7 @@ ln -sf "$NCCL_LIB/libnccl.so.2" "$shim/libnccl.so"
 export LD_LIBRARY_PATH="$shim:$NCCL_LIB:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 "$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "NCCL", torch.cuda.nccl.version())'
+[ -n "${OUT:-}" ] && export OUT  # the scripts keep extra files there
 status=0
 step() {
   local name=$1; shift

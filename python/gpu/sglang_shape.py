@@ -131,16 +131,24 @@ def show(title: str, lines: list[str], limit: int = 12) -> list[str]:
 
 
 def graph_kernels(dot_path: str) -> list[str]:
-    """Kernel names CUDA recorded in a graph's debug dump (best effort)."""
+    """The nodes CUDA recorded in a graph's debug dump: kernels by name, others by type."""
     try:
         text = open(dot_path, errors="replace").read()
-    except OSError:
-        return []
-    names = re.findall(r"(nccl\w+|_Z\w+|\w*[Kk]ernel\w*|MEMCPY|MEMSET)", text)
+    except OSError as e:
+        return [f"(no dump: {e})"]
+    out_dir = os.environ.get("OUT")
+    if out_dir:  # the device tool brings $OUT back: keep the dump
+        with open(os.path.join(out_dir, "graph.dot"), "w") as f:
+            f.write(text)
     seen: dict[str, int] = {}
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-    return [f"{n[:80]} x{c}" for n, c in seen.items()]
+    for label in re.findall(r'label="([^"]*)"', text):
+        kind = re.match(r"\W*(\w+)", label)
+        name = re.search(r"(_Z\w+|nccl\w+)", label)
+        key = name.group(1)[:90] if name else (kind.group(1) if kind else label[:40])
+        seen[key] = seen.get(key, 0) + 1
+    if not seen:
+        return [f"(none parsed from {len(text)} bytes; first: {text[:200]!r})"]
+    return [f"{n} x{c}" for n, c in seen.items()]
 
 
 def stats() -> dict[str, int]:
@@ -260,7 +268,12 @@ def main() -> None:
 
     graph_pool = torch.cuda.graph_pool_handle()
     st.set_graph_pool_id(graph_pool)
-    graph = torch.cuda.CUDAGraph()
+    try:
+        # Kept after the capture (instantiated at the first replay), so that
+        # debug_dump can print the nodes CUDA recorded.
+        graph = torch.cuda.CUDAGraph(keep_graph=True)
+    except TypeError:  # a PyTorch before keep_graph
+        graph = torch.cuda.CUDAGraph()
     graph.enable_debug_mode()
     segments_before = stats()["live_segments"]
     before_capture = log_size()
@@ -328,7 +341,9 @@ def main() -> None:
             "'[Symmetric]: ... -> Kernel K') appear in this phase, and never at replay."
         )
     kernels = graph_kernels(dot)
-    print(f"--- the graph's nodes ({dot}): {', '.join(kernels[:12]) or 'none parsed'}")
+    print(f"--- the graph's nodes ({dot}):")
+    for k in kernels[:20]:
+        print(f"    {k}")
 
     # -- 4. exit with live memory ------------------------------------------------------
     # a, b, the graph and both groups stay alive: the exit hook detaches the

@@ -163,6 +163,10 @@ class TorchHooks(RegionHooks):
         #: The pool of the CUDA graph being captured (:func:`set_graph_pool_id`).
         self.graph_pool: Any | None = None
         self._local = threading.local()
+        # (id(group), device) -> (group, raw comm) of process groups: asking
+        # PyTorch costs a few µs a region. The group is held, so its id is
+        # not reused while the entry lives; forget() drops it.
+        self._comms: dict[tuple[int, int], tuple[object, int]] = {}
 
     def comm_of(self, group: object) -> int:
         """The raw ``ncclComm_t`` of a process group, a raw pointer or an SGLang object."""
@@ -174,14 +178,19 @@ class TorchHooks(RegionHooks):
             return int(group.value or 0)
         pg = _process_group(group)
         if pg is not None:
+            key = (id(pg), int(torch.cuda.current_device()))
+            known = self._comms.get(key)
+            if known is not None and known[0] is pg:
+                return known[1]
             # 0 when the group has no comm on the current device yet.
             raw = int(_nccl_backend(pg)._comm_ptr())
             if raw == 0:
                 raise RuntimeError(
-                    f"{group!r} has no NCCL comm on CUDA device {torch.cuda.current_device()} "
+                    f"{group!r} has no NCCL comm on CUDA device {key[1]} "
                     "yet: run one collective on it first (or pass device_id= to "
                     "init_process_group), with this device current"
                 )
+            self._comms[key] = (pg, raw)
             return raw
         inner = getattr(group, "comm", None)  # SGLang's / vLLM's PyNcclCommunicator
         if inner is not None and hasattr(inner, "value"):
@@ -193,6 +202,12 @@ class TorchHooks(RegionHooks):
             f"cannot find the ncclComm_t of {group!r}: give a torch.distributed process group, "
             "a raw pointer (int or ctypes.c_void_p), or an object with .comm.value"
         )
+
+    def forget(self, group: object) -> None:
+        """Drops what :meth:`comm_of` remembers of a process group (it is released)."""
+        pg = _process_group(group)
+        if pg is not None:
+            self._comms = {k: v for k, v in self._comms.items() if v[0] is not pg}
 
     def abort_for(self, group: object) -> Callable[[int], None] | None:
         """For a non-blocking process group, its abort through PyTorch; else ``None``.
@@ -385,6 +400,8 @@ def release(group: object) -> None:
     """Detaches ``group``'s comm; call it (on every rank) before destroying the group."""
     if _sm is not None:
         _sm.release(group)
+    if _hooks is not None:
+        _hooks.forget(group)
 
 
 def register_deferred(group: object | None = None) -> list[PassSummary]:
