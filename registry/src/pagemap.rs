@@ -337,6 +337,113 @@ mod tests {
         assert_eq!(m.probe(G), Probe::Empty);
     }
 
+    /// The raw value of the slot of `addr`'s granule (0 if no table).
+    fn slot(m: &PageMap, addr: usize) -> usize {
+        let g = addr / G;
+        m.leaf(g, false)
+            .map_or(0, |t| t.entries[g & (FANOUT - 1)].load(Ordering::SeqCst))
+    }
+
+    #[test]
+    fn a_shared_granule_counts_each_sharer_once_and_empties_when_all_left() {
+        let m = PageMap::new(G);
+        // Three unaligned segments in granule 3, one after the other.
+        let segs = [
+            (3 * G, 3 * G + 64),
+            (3 * G + 64, 3 * G + 128),
+            (3 * G + 128, 4 * G),
+        ];
+        for (i, &(a, e)) in segs.iter().enumerate() {
+            m.publish(a, e, 0x1000 * (i + 1), Switches::default());
+        }
+        assert_eq!(slot(&m, 3 * G), count(3));
+        assert_eq!((slot(&m, 2 * G), slot(&m, 4 * G)), (0, 0), "only granule 3");
+        m.withdraw(segs[1].0, segs[1].1, 0x2000);
+        assert_eq!(slot(&m, 3 * G), count(2));
+        m.withdraw(segs[0].0, segs[0].1, 0x1000);
+        assert_eq!(slot(&m, 3 * G), count(1));
+        assert_eq!(m.probe(3 * G), Probe::Ask, "count 1: identity unknown");
+        m.withdraw(segs[2].0, segs[2].1, 0x3000);
+        assert_eq!(slot(&m, 3 * G), 0);
+        assert_eq!(m.probe(3 * G), Probe::Empty);
+    }
+
+    #[test]
+    fn aligned_neighbours_each_own_their_granules() {
+        // Segments that end and begin on a granule boundary never share a
+        // slot: each granule names its one segment (the fast path).
+        let m = PageMap::new(G);
+        m.publish(2 * G, 3 * G, 0x1000, Switches::default());
+        m.publish(3 * G, 5 * G, 0x2000, Switches::default());
+        m.publish(G, 2 * G, 0x3000, Switches::default());
+        assert_eq!(m.probe(G), Probe::One(0x3000));
+        assert_eq!(m.probe(3 * G - 1), Probe::One(0x1000));
+        assert_eq!(m.probe(3 * G), Probe::One(0x2000));
+        assert_eq!(m.probe(5 * G - 1), Probe::One(0x2000));
+        assert_eq!(m.probe(5 * G), Probe::Empty);
+    }
+
+    /// The scenario of the `page_overwrite` control: M shares granule 0
+    /// (count 1 once its neighbour K left) and is dead but not withdrawn;
+    /// Y covers the granule whole and leaves; P and Q share it and Q
+    /// leaves; M withdraws last. Returns what the granule says with P live.
+    fn late_withdraw(faults: Switches) -> Probe {
+        let m = PageMap::new(G);
+        let (mm, k, y, p, q) = (0x1000, 0x2000, 0x3000, 0x4000, 0x5000);
+        m.publish(0, 64, mm, faults);
+        m.publish(64, 128, k, faults);
+        m.withdraw(64, 128, k);
+        m.publish(0, G, y, faults);
+        m.withdraw(0, G, y);
+        m.publish(0, 64, p, faults);
+        m.publish(64, 128, q, faults);
+        m.withdraw(64, 128, q);
+        m.withdraw(0, 64, mm);
+        m.probe(0)
+    }
+
+    #[test]
+    fn a_late_withdrawal_leaves_a_live_sharers_count() {
+        assert_eq!(late_withdraw(Switches::default()), Probe::Ask);
+    }
+
+    #[cfg(feature = "test-support")]
+    #[test]
+    fn the_page_overwrite_control_empties_a_live_segments_granule() {
+        use crate::Faults;
+        let broken = Switches::new(Faults {
+            page_overwrite: true,
+            ..Faults::NONE
+        });
+        assert_eq!(late_withdraw(broken), Probe::Empty, "P is lost");
+    }
+
+    #[cfg(feature = "test-support")]
+    #[test]
+    fn under_the_page_overwrite_control_a_withdrawal_whose_share_is_gone_changes_nothing() {
+        use crate::Faults;
+        let broken = Switches::new(Faults {
+            page_overwrite: true,
+            ..Faults::NONE
+        });
+        let m = PageMap::new(G);
+        // M1 and M2 share granule 0 (count 2), both dead, not withdrawn yet.
+        m.publish(0, 64, 0x1000, broken);
+        m.publish(64, 128, 0x2000, broken);
+        m.publish(0, G, 0x3000, broken); // Y overwrites their shares
+        m.withdraw(0, 64, 0x1000); // M1 finds Y there
+        assert_eq!(m.probe(0), Probe::One(0x3000), "Y keeps the granule");
+        m.withdraw(0, G, 0x3000);
+        m.publish(0, 64, 0x4000, broken); // P, alone
+        m.withdraw(64, 128, 0x2000); // M2 finds P there
+        assert_eq!(m.probe(0), Probe::One(0x4000), "P keeps the granule");
+        // The overwrite applies to whole granules only: a partial one adds.
+        m.publish(G + 64, 3 * G, 0x5000, broken);
+        m.publish(G, G + 64, 0x6000, broken);
+        assert_eq!(slot(&m, G), count(2));
+        assert_eq!(m.probe(2 * G), Probe::One(0x5000));
+    }
+
     #[test]
     fn a_segment_across_last_level_tables() {
         let m = PageMap::new(G);

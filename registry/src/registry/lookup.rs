@@ -158,3 +158,108 @@ impl<C, W, I: AddressIndex> Registry<C, W, I> {
         out
     }
 }
+
+#[cfg(all(test, not(feature = "loom")))]
+mod tests {
+    use crate::pagemap::{Probe, DEFAULT_PAGE_GRANULE as G};
+    use crate::Registry;
+
+    type Reg = Registry<u32, u64>;
+
+    /// What the page map says of `addr`.
+    fn probe(reg: &Reg, addr: usize) -> Probe {
+        reg.pages.probe(addr)
+    }
+
+    /// The node address the page map would name for a live segment at `addr`.
+    fn node_of(reg: &Reg, addr: usize) -> usize {
+        let _guard = reg.reclaimer.guard();
+        let o = reg.find_in_index(addr).expect("live");
+        o as *const _ as usize
+    }
+
+    #[test]
+    fn aligned_segments_are_found_through_the_page_map_alone() {
+        let reg = Reg::new();
+        let base = 0x7000_0000_0000;
+        // Adjacent granule-aligned segments of 1, 2 and 3 granules.
+        let mut segs = Vec::new();
+        let mut at = base;
+        for i in 0..9 {
+            let len = (1 + i % 3) * G;
+            segs.push(reg.track(at, len).unwrap());
+            at += len;
+        }
+        for s in &segs {
+            let node = node_of(&reg, s.addr);
+            for a in [s.addr, s.addr + s.len / 2, s.addr + s.len - 1] {
+                assert_eq!(probe(&reg, a), Probe::One(node), "{a:#x} of {s:?}");
+                assert_eq!(reg.find(a), Some(*s));
+            }
+        }
+        assert_eq!(probe(&reg, base - 1), Probe::Empty);
+        assert_eq!(probe(&reg, at), Probe::Empty);
+        // Leaving empties exactly their granules; the neighbours stay single.
+        for s in segs.iter().step_by(2) {
+            drop(reg.untrack(s.addr).unwrap());
+        }
+        for (i, s) in segs.iter().enumerate() {
+            let want = if i % 2 == 0 {
+                Probe::Empty
+            } else {
+                Probe::One(node_of(&reg, s.addr))
+            };
+            for a in [s.addr, s.addr + s.len - 1] {
+                assert_eq!(probe(&reg, a), want, "{a:#x} of {s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn unaligned_sharers_go_to_the_index_and_a_survivor_is_found() {
+        let reg = Reg::new();
+        let base = 0x7100_0000_0000;
+        let a = reg.track(base, G / 2).unwrap();
+        let b = reg.track(base + G / 2, G).unwrap(); // shares granules 0 and 1
+        let c = reg.track(base + 3 * G / 2, G / 2).unwrap(); // shares granule 1
+        assert_eq!(probe(&reg, base), Probe::Ask);
+        assert_eq!(probe(&reg, base + G), Probe::Ask);
+        assert_eq!(reg.find(base + G / 2 + 7), Some(b));
+        drop(reg.untrack(b.addr).unwrap());
+        // Each granule keeps a count of one: asked, and answered right.
+        assert_eq!(probe(&reg, base), Probe::Ask);
+        assert_eq!(reg.find(base + 1), Some(a));
+        assert_eq!(reg.find(base + G / 2), None);
+        assert_eq!(reg.find(base + 3 * G / 2), Some(c));
+        drop(reg.untrack(a.addr).unwrap());
+        drop(reg.untrack(c.addr).unwrap());
+        assert_eq!(probe(&reg, base), Probe::Empty);
+        assert_eq!(probe(&reg, base + G), Probe::Empty);
+    }
+
+    #[test]
+    fn segments_at_and_across_the_map_limit_are_found_through_the_index() {
+        // The map covers addresses below 2^48 (three levels of 9 bits of
+        // 2 MiB granules); above it every lookup asks the index.
+        let reg = Reg::new();
+        let limit = 1usize << 48;
+        let across = reg.track(limit - G, 2 * G).unwrap();
+        let above = reg.track(limit + G, G).unwrap();
+        let below = reg.track(limit - 3 * G, G).unwrap();
+        assert_eq!(
+            probe(&reg, limit - G),
+            Probe::One(node_of(&reg, across.addr))
+        );
+        assert_eq!(probe(&reg, limit), Probe::Ask);
+        assert_eq!(probe(&reg, limit + G), Probe::Ask);
+        assert_eq!(reg.find(limit - 1), Some(across));
+        assert_eq!(reg.find(limit + G - 1), Some(across));
+        assert_eq!(reg.find(limit + G), Some(above));
+        assert_eq!(reg.find(limit - 3 * G), Some(below));
+        assert_eq!(reg.find(limit - 2 * G), None);
+        drop(reg.untrack(across.addr).unwrap());
+        assert_eq!(probe(&reg, limit - G), Probe::Empty);
+        assert_eq!(reg.find(limit), None);
+        assert_eq!(reg.find(limit + G), Some(above));
+    }
+}

@@ -1,0 +1,193 @@
+//! Each deliberately broken variant (`Faults`) that the registry's own code
+//! takes a branch for, turned on here and seen failing the way its
+//! documentation says, beside the shipped registry passing the same
+//! script. The loom models use the same switches as their negative
+//! controls; these tests keep the branches honest in the registry's own
+//! suite (and give mutation testing something to judge them by).
+//!
+//! The page map's `page_overwrite` control is tested beside the map
+//! (`src/pagemap.rs`), where its slots can be read.
+#![cfg(not(feature = "loom"))]
+
+use std::sync::{Condvar, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use segment_registry::{AddressIndex, CommId, Faults, NodeRef, Registry, Segment, SkipIndex};
+
+const G: usize = 2 << 20;
+const NAIVE: Faults = Faults {
+    naive_cursor: true,
+    ..Faults::NONE
+};
+
+/// A pass that registers everything; returns what it registered.
+fn pass<I: AddressIndex>(reg: &Registry<u32, u64, I>, comm: CommId) -> Vec<Segment> {
+    reg.register_pending(comm, |_, s| Ok::<_, ()>(Some(s.seq)))
+        .expect("pass")
+        .registered
+}
+
+/// The seqs of what a pass registered.
+fn seqs(segs: &[Segment]) -> Vec<u64> {
+    segs.iter().map(|s| s.seq).collect()
+}
+
+// ---------------------------------------------------------------------------
+// An index that parks one `insert`, so a test can hold a track in flight.
+// ---------------------------------------------------------------------------
+
+/// The one pause point of [`ParkingIndex`]: the armed key's first insert
+/// waits for [`resume`]. Only `naive_cursor_misses_a_segment_for_good`
+/// arms it, with a key no other test of this file tracks.
+#[derive(Default)]
+struct Gate {
+    armed: Option<usize>,
+    parked: bool,
+    resumed: bool,
+}
+
+static GATE: Mutex<Gate> = Mutex::new(Gate {
+    armed: None,
+    parked: false,
+    resumed: false,
+});
+static GATE_CV: Condvar = Condvar::new();
+/// How long either side waits before failing the test instead of hanging.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn arm(key: usize) {
+    *GATE.lock().unwrap() = Gate {
+        armed: Some(key),
+        ..Gate::default()
+    };
+}
+
+fn wait_parked() {
+    let g = GATE.lock().unwrap();
+    let (g, to) = GATE_CV
+        .wait_timeout_while(g, PATIENCE, |g| !g.parked)
+        .unwrap();
+    assert!(!to.timed_out() && g.parked, "no track reached the insert");
+}
+
+fn resume() {
+    GATE.lock().unwrap().resumed = true;
+    GATE_CV.notify_all();
+}
+
+/// The production index, whose armed insert parks (see [`Gate`]).
+struct ParkingIndex(SkipIndex);
+
+impl AddressIndex for ParkingIndex {
+    fn new() -> Self {
+        ParkingIndex(<SkipIndex as AddressIndex>::new())
+    }
+
+    fn insert(&self, key: usize, node: NodeRef) -> Result<(), NodeRef> {
+        let mut g = GATE.lock().unwrap();
+        if g.armed == Some(key) {
+            g.armed = None;
+            g.parked = true;
+            GATE_CV.notify_all();
+            let (g, to) = GATE_CV
+                .wait_timeout_while(g, PATIENCE, |g| !g.resumed)
+                .unwrap();
+            assert!(!to.timed_out() && g.resumed, "the test never resumed");
+        } else {
+            drop(g);
+        }
+        self.0.insert(key, node)
+    }
+
+    fn remove(&self, key: usize, node: NodeRef) -> bool {
+        self.0.remove(key, node)
+    }
+
+    fn get(&self, key: usize) -> Option<NodeRef> {
+        self.0.get(key)
+    }
+
+    fn below(&self, key: usize) -> Option<(usize, NodeRef)> {
+        self.0.below(key)
+    }
+
+    fn at_or_below(&self, key: usize) -> Option<(usize, NodeRef)> {
+        self.0.at_or_below(key)
+    }
+
+    fn for_each_between(&self, lo: usize, hi: usize, f: &mut dyn FnMut(usize, NodeRef) -> bool) {
+        self.0.for_each_between(lo, hi, f)
+    }
+
+    fn for_each(&self, f: &mut dyn FnMut(usize, NodeRef) -> bool) {
+        self.0.for_each(f)
+    }
+}
+
+/// Thread A starts `track(X)` and parks in its insert; meanwhile this
+/// thread tracks Y and runs a pass; A goes on; then two more passes run.
+/// Returns the three passes' registrations.
+fn track_in_flight_during_a_pass(faults: Faults) -> [Vec<Segment>; 3] {
+    const X: usize = 0x5a00_0000_0000;
+    const Y: usize = X + 4 * G;
+    arm(X);
+    let reg: Registry<u32, u64, ParkingIndex> = Registry::with_faults(faults);
+    let comm = reg.attach(1);
+    thread::scope(|s| {
+        let a = s.spawn(|| reg.track(X, G).expect("X"));
+        wait_parked();
+        reg.track(Y, G).expect("Y");
+        let first = pass(&reg, comm);
+        resume();
+        a.join().unwrap();
+        [first, pass(&reg, comm), pass(&reg, comm)]
+    })
+}
+
+#[test]
+fn shipped_cursor_registers_a_track_that_was_in_flight_at_the_next_pass() {
+    let [first, second, third] = track_in_flight_during_a_pass(Faults::NONE);
+    assert_eq!(
+        first.iter().map(|s| s.addr).collect::<Vec<_>>(),
+        [0x5a00_0000_0000 + 4 * G]
+    );
+    assert_eq!(seqs(&first), [1], "Y is first in the log");
+    assert_eq!(
+        second.iter().map(|s| s.addr).collect::<Vec<_>>(),
+        [0x5a00_0000_0000]
+    );
+    assert_eq!(seqs(&second), [2], "X's seq is fixed when it joins the log");
+    assert!(third.is_empty());
+}
+
+#[test]
+fn naive_cursor_misses_a_segment_for_good() {
+    let [first, second, third] = track_in_flight_during_a_pass(NAIVE);
+    // X took seq 1 before it parked, Y seq 2; the first pass saw seq 2 ...
+    assert_eq!(seqs(&first), [2], "the first pass registers Y");
+    // ... so every later pass skips X (seq 1) although it never registered.
+    assert!(
+        second.is_empty() && third.is_empty(),
+        "X is missed: {second:?} {third:?}"
+    );
+}
+
+#[test]
+fn naive_cursor_burns_a_seq_on_a_rejected_track() {
+    let run = |faults: Faults| {
+        let reg: Registry<u32, u64> = Registry::with_faults(faults);
+        let comm = reg.attach(1);
+        let a = reg.track(0x6000_0000_0000, G).unwrap();
+        reg.track(0x6000_0000_0000, G).expect_err("overlaps A");
+        let b = reg.track(0x6000_0000_0000 + G, G).unwrap();
+        assert_eq!(seqs(&pass(&reg, comm)), [a.seq, b.seq]);
+        (a.seq, b.seq)
+    };
+    assert_eq!(
+        run(Faults::NONE),
+        (1, 2),
+        "seqs are 1, 2, 3, ... in log order"
+    );
+    assert_eq!(run(NAIVE), (1, 3), "the rejected track took seq 2");
+}
