@@ -250,6 +250,11 @@ mod tests {
             probe(&reg, limit - G),
             Probe::One(node_of(&reg, across.addr))
         );
+        // Granule 2^27 would index the table of granule 0: nothing there.
+        assert_eq!(
+            (probe(&reg, 0), probe(&reg, G)),
+            (Probe::Empty, Probe::Empty)
+        );
         assert_eq!(probe(&reg, limit), Probe::Ask);
         assert_eq!(probe(&reg, limit + G), Probe::Ask);
         assert_eq!(reg.find(limit - 1), Some(across));
