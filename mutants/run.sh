@@ -4,7 +4,18 @@
 # Not a CI stage: a full run is hours on 2 cores. Run it on the files a
 # change touches:
 #
-#   bash mutants/run.sh [-j SHARDS] [-o OUT] [FILE...]     (default: every file in scope)
+#   bash mutants/run.sh [-j SHARDS] [-o OUT] [-t TIMEOUT] [FILE...]
+#
+# (default: every file in scope; default TIMEOUT 60 s per test run).
+#
+# Two stages, so that a run fits in hours rather than days:
+#   1. every mutant of a crate's files is judged by that crate's own tests
+#      (`--test-package`): a rebuild of one crate and a few seconds of tests;
+#   2. the mutants stage 1 missed are judged again by the whole workspace
+#      (`--test-workspace=true`: the proptests and the glue's tests count for
+#      registry mutants), named one by one with `--re`.
+# A mutant caught in stage 1 is caught by the workspace too (its tests are
+# part of it), so what stage 2 misses is what the workspace misses.
 #
 # Each shard runs to the end or says it did not; mutants/summarize.py turns
 # the outcomes into the per-shard table of mutants/RECORD.md. Equivalent
@@ -12,28 +23,53 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-shards=1 out=$root/target/mutants
-while getopts "j:o:" o; do
-  case $o in j) shards=$OPTARG ;; o) out=$OPTARG ;; *) exit 2 ;; esac
+shards=1 out=$root/target/mutants timeout=60
+while getopts "j:o:t:" o; do
+  case $o in j) shards=$OPTARG ;; o) out=$OPTARG ;; t) timeout=$OPTARG ;; *) exit 2 ;; esac
 done
 shift $((OPTIND - 1))
-command -v cargo-mutants >/dev/null || cargo install --locked cargo-mutants
+command -v cargo-mutants >/dev/null || cargo install --locked cargo-mutants@27.1.0
 files=("$@")
 if [ ${#files[@]} -eq 0 ]; then
   mapfile -t files < <(git ls-files 'registry/src/*.rs' 'cuda-glue/src/*.rs' | grep -v '^cuda-glue/src/bin/')
 fi
-args=()
-for f in "${files[@]}"; do args+=(--file "$f"); done
 mkdir -p "$out"
-for ((k = 0; k < shards; k++)); do
-  dir=$out/shard-$k
-  start=$(date +%s)
+
+# One cargo-mutants run; its exit status says nothing about the shard's end
+# (0: all caught; 2: some missed; 3: some timed out), summarize.py does.
+mutate() {
+  local dir=$1; shift
+  local start; start=$(date +%s)
   set +e
-  cargo mutants --test-workspace=true --timeout 120 --minimum-test-timeout 30 \
-      --shard "$k/$shards" --output "$dir" "${args[@]}" 2>&1 | tail -5
-  rc=${PIPESTATUS[0]}
+  cargo mutants --timeout "$timeout" --minimum-test-timeout 20 --output "$dir" "$@" 2>&1 | tail -3
+  local rc=${PIPESTATUS[0]}
   set -e
-  # 0: all caught; 2: some missed; 3: some timed out; anything else: the run broke.
-  echo "shard $k/$shards: exit $rc after $(( $(date +%s) - start )) s -> $dir/mutants.out"
+  echo "$(basename "$dir"): exit $rc after $(( $(date +%s) - start )) s -> $dir/mutants.out"
+}
+
+# Stage 1, per crate.
+for crate in registry:segment-registry cuda-glue:segment-registry-nccl; do
+  dir=${crate%%:*} pkg=${crate#*:}
+  args=()
+  for f in "${files[@]}"; do
+    [[ $f == "$dir"/* ]] && args+=(--file "$f")
+  done
+  [ ${#args[@]} -eq 0 ] && continue
+  for ((k = 0; k < shards; k++)); do
+    mutate "$out/stage1-$dir-shard-$k" --test-package "$pkg" --shard "$k/$shards" "${args[@]}"
+  done
 done
+
+# Stage 2: the survivors, judged by the workspace.
+missed=$(cat "$out"/stage1-*/mutants.out/missed.txt 2>/dev/null || true)
+if [ -n "$missed" ]; then
+  re_args=()
+  while IFS= read -r m; do
+    # cargo-mutants matches --re against "file:line:col: description".
+    re_args+=(--re "^$(printf '%s' "$m" | sed 's/[][\.*^$(){}+?|]/\\&/g')\$")
+  done <<<"$missed"
+  files_args=()
+  for f in "${files[@]}"; do files_args+=(--file "$f"); done
+  mutate "$out/stage2-workspace" --test-workspace=true "${files_args[@]}" "${re_args[@]}"
+fi
 python3 "$root/mutants/summarize.py" "$out"

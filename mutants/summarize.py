@@ -1,4 +1,4 @@
-"""Summarize cargo-mutants outcomes, one row per shard, and list the missed mutants.
+"""Summarize cargo-mutants outcomes, one row per shard and stage, and list the missed mutants.
 
 Usage: python3 mutants/summarize.py OUT_DIR   (as written by mutants/run.sh)
 """
@@ -39,7 +39,7 @@ def shard_row(outcomes_file: Path) -> tuple[dict[str, int], list[str], bool]:
 def main(out: str) -> int:
     rows = []
     all_missed: list[str] = []
-    for d in sorted(Path(out).glob("shard-*")):
+    for d in sorted(p for p in Path(out).glob("stage*") if p.is_dir()):
         f = d / "mutants.out" / "outcomes.json"
         if not f.exists():
             rows.append(f"| {d.name} | no outcomes (did not run) | | | | | |")

@@ -389,17 +389,18 @@ mod tests {
     /// leaves; M withdraws last. Returns what the granule says with P live.
     fn late_withdraw(faults: Switches) -> Probe {
         let m = PageMap::new(G);
+        let b = 5 * G; // granule 5: not 0, whose shifts hide mistakes
         let (mm, k, y, p, q) = (0x1000, 0x2000, 0x3000, 0x4000, 0x5000);
-        m.publish(0, 64, mm, faults);
-        m.publish(64, 128, k, faults);
-        m.withdraw(64, 128, k);
-        m.publish(0, G, y, faults);
-        m.withdraw(0, G, y);
-        m.publish(0, 64, p, faults);
-        m.publish(64, 128, q, faults);
-        m.withdraw(64, 128, q);
-        m.withdraw(0, 64, mm);
-        m.probe(0)
+        m.publish(b, b + 64, mm, faults);
+        m.publish(b + 64, b + 128, k, faults);
+        m.withdraw(b + 64, b + 128, k);
+        m.publish(b, b + G, y, faults);
+        m.withdraw(b, b + G, y);
+        m.publish(b, b + 64, p, faults);
+        m.publish(b + 64, b + 128, q, faults);
+        m.withdraw(b + 64, b + 128, q);
+        m.withdraw(b, b + 64, mm);
+        m.probe(b)
     }
 
     #[test]
@@ -408,40 +409,46 @@ mod tests {
     }
 
     #[cfg(feature = "test-support")]
+    fn page_overwrite() -> Switches {
+        Switches::new(crate::Faults {
+            page_overwrite: true,
+            ..crate::Faults::NONE
+        })
+    }
+
+    #[cfg(feature = "test-support")]
     #[test]
     fn the_page_overwrite_control_empties_a_live_segments_granule() {
-        use crate::Faults;
-        let broken = Switches::new(Faults {
-            page_overwrite: true,
-            ..Faults::NONE
-        });
-        assert_eq!(late_withdraw(broken), Probe::Empty, "P is lost");
+        assert_eq!(late_withdraw(page_overwrite()), Probe::Empty, "P is lost");
     }
 
     #[cfg(feature = "test-support")]
     #[test]
     fn under_the_page_overwrite_control_a_withdrawal_whose_share_is_gone_changes_nothing() {
-        use crate::Faults;
-        let broken = Switches::new(Faults {
-            page_overwrite: true,
-            ..Faults::NONE
-        });
+        let broken = page_overwrite();
         let m = PageMap::new(G);
-        // M1 and M2 share granule 0 (count 2), both dead, not withdrawn yet.
-        m.publish(0, 64, 0x1000, broken);
-        m.publish(64, 128, 0x2000, broken);
-        m.publish(0, G, 0x3000, broken); // Y overwrites their shares
-        m.withdraw(0, 64, 0x1000); // M1 finds Y there
-        assert_eq!(m.probe(0), Probe::One(0x3000), "Y keeps the granule");
-        m.withdraw(0, G, 0x3000);
-        m.publish(0, 64, 0x4000, broken); // P, alone
-        m.withdraw(64, 128, 0x2000); // M2 finds P there
-        assert_eq!(m.probe(0), Probe::One(0x4000), "P keeps the granule");
-        // The overwrite applies to whole granules only: a partial one adds.
-        m.publish(G + 64, 3 * G, 0x5000, broken);
-        m.publish(G, G + 64, 0x6000, broken);
-        assert_eq!(slot(&m, G), count(2));
-        assert_eq!(m.probe(2 * G), Probe::One(0x5000));
+        let b = 5 * G;
+        // M1 and M2 share granule 5 (count 2), both dead, not withdrawn yet.
+        m.publish(b, b + 64, 0x1000, broken);
+        m.publish(b + 64, b + 128, 0x2000, broken);
+        m.publish(b, b + G, 0x3000, broken); // Y overwrites their shares
+        m.withdraw(b, b + 64, 0x1000); // M1 finds Y there
+        assert_eq!(m.probe(b), Probe::One(0x3000), "Y keeps the granule");
+        m.withdraw(b, b + G, 0x3000);
+        m.publish(b, b + 64, 0x4000, broken); // P, alone
+        m.withdraw(b + 64, b + 128, 0x2000); // M2 finds P there
+        assert_eq!(m.probe(b), Probe::One(0x4000), "P keeps the granule");
+        // Only granules covered whole are overwritten; partial ones add.
+        let c = 9 * G;
+        m.publish(c, c + 64, 0x5000, broken);
+        m.publish(c + 64, c + 2 * G, 0x6000, broken); // granule 9 partly, 10 whole
+                                                      // Granule 11: the last byte's sharer first, then one that ends a
+                                                      // byte short of the granule's end, which must not overwrite it.
+        m.publish(c + 3 * G - 1, c + 3 * G, 0x8000, broken);
+        m.publish(c + 2 * G, c + 3 * G - 1, 0x7000, broken);
+        assert_eq!(slot(&m, c), count(2));
+        assert_eq!(m.probe(c + G), Probe::One(0x6000));
+        assert_eq!(slot(&m, c + 2 * G), count(2));
     }
 
     #[test]
