@@ -51,8 +51,17 @@ struct Table {
     entries: [AtomicUsize; FANOUT],
 }
 
+// Tables made minus tables freed on this thread, for the tests' leak check
+// (plain `cargo test` has no leak detector; the ASan stage has one).
+#[cfg(all(test, not(feature = "loom")))]
+thread_local! {
+    static LIVE_TABLES: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+}
+
 impl Table {
     fn new_boxed() -> *mut Table {
+        #[cfg(all(test, not(feature = "loom")))]
+        LIVE_TABLES.with(|n| n.set(n.get() + 1));
         Box::into_raw(Box::new(Table {
             entries: std::array::from_fn(|_| AtomicUsize::new(0)),
         }))
@@ -295,6 +304,8 @@ impl Drop for PageMap {
             }
             // SAFETY: made by `Box::into_raw`, freed once, here.
             drop(unsafe { Box::from_raw(t) });
+            #[cfg(all(test, not(feature = "loom")))]
+            LIVE_TABLES.with(|n| n.set(n.get() - 1));
         }
         free(self.root, LEVELS - 1);
     }
@@ -449,6 +460,32 @@ mod tests {
         assert_eq!(slot(&m, c), count(2));
         assert_eq!(m.probe(c + G), Probe::One(0x6000));
         assert_eq!(slot(&m, c + 2 * G), count(2));
+    }
+
+    #[test]
+    fn dropping_the_map_frees_every_table() {
+        let before = LIVE_TABLES.with(|n| n.get());
+        {
+            let m = PageMap::new(G);
+            assert_eq!(LIVE_TABLES.with(|n| n.get()), before + 1, "the root");
+            // Three last-level tables under one middle table, and a second
+            // middle table: 6 more.
+            m.publish(0, G, 0x1000, Switches::default());
+            m.publish(
+                (FANOUT + 3) * G,
+                (2 * FANOUT + 1) * G,
+                0x2000,
+                Switches::default(),
+            );
+            m.publish(
+                (FANOUT * FANOUT + 7) * G,
+                (FANOUT * FANOUT + 8) * G,
+                0x3000,
+                Switches::default(),
+            );
+            assert_eq!(LIVE_TABLES.with(|n| n.get()), before + 7);
+        }
+        assert_eq!(LIVE_TABLES.with(|n| n.get()), before, "tables leaked");
     }
 
     #[test]

@@ -191,3 +191,40 @@ fn naive_cursor_burns_a_seq_on_a_rejected_track() {
     );
     assert_eq!(run(NAIVE), (1, 3), "the rejected track took seq 2");
 }
+
+/// `digest_from_second_walk` digests what a second walk of the log finds,
+/// which differs from the held set only when an untrack or a track races
+/// the pass between the two walks (the loom model `agreement` shows that
+/// race). Without one, the control must describe the same set as the
+/// shipped pass, so that its failure under the race is the race's alone.
+#[test]
+fn digest_from_second_walk_agrees_with_the_held_set_without_a_race() {
+    let run = |faults: Faults| {
+        let reg: Registry<u32, u64> = Registry::with_faults(faults);
+        let comm = reg.attach(1);
+        let a = reg.track(0x6100_0000_0000, G).unwrap();
+        let b = reg.track(0x6100_0000_0000 + 2 * G, 3 * G).unwrap();
+        let dead = reg.track(0x6100_0000_0000 + 8 * G, G).unwrap();
+        drop(reg.untrack(dead.addr).unwrap());
+        let mut seen = None;
+        let report = reg
+            .register_pending_checked(
+                comm,
+                |_, d| {
+                    seen = Some(*d);
+                    Ok::<_, ()>(segment_registry::DigestRange::of_one(*d))
+                },
+                |_, s| Ok(Some(s.seq)),
+            )
+            .unwrap();
+        assert_eq!(report.registered, [a, b]);
+        let d = seen.expect("agree was called");
+        assert_eq!(d, segment_registry::Digest::of_set(1, &[a, b]));
+        d
+    };
+    let control = run(Faults {
+        digest_from_second_walk: true,
+        ..Faults::NONE
+    });
+    assert_eq!(control, run(Faults::NONE));
+}
