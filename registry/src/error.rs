@@ -155,3 +155,30 @@ pub struct Divergence {
     /// The group's range.
     pub group: DigestRange,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_comm_and_the_segment() {
+        assert_eq!(
+            CommError::Busy(CommId(3)).to_string(),
+            "a registration pass for comm#3 is already running"
+        );
+        assert_eq!(
+            CommError::NotAttached(CommId(7)).to_string(),
+            "comm#7 is not attached"
+        );
+        assert_eq!(
+            TrackError::Overlap {
+                addr: 0x1000,
+                len: 64,
+                other_addr: 0x1020,
+                other_len: 8
+            }
+            .to_string(),
+            "segment [0x1000, +64) overlaps [0x1020, +8)"
+        );
+    }
+}
