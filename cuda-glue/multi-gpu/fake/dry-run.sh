@@ -4,8 +4,8 @@
 # run-two-ranks.sh's Rust steps against the fake (two processes, unique ids
 # through a file, comm init, passes, all-reduces, log comparison, exit
 # codes), then the negative control (rank 1 allocates in another order:
-# the run must fail, not hang). It checks the plumbing only, not NCCL:
-# see README.md.
+# the run must fail, not hang), then run-never-hang.sh's scenarios. It
+# checks the plumbing only, not NCCL: see README.md.
 #
 #   bash cuda-glue/multi-gpu/fake/dry-run.sh [--cycles N]
 set -euo pipefail
@@ -31,6 +31,11 @@ echo "dry run in $work (fake CUDA/NCCL)"
 status=0
 bash "$here/../run-two-ranks.sh" --only rust --cycles 4 --timeout 60 "$@" || status=1
 bash "$here/../run-two-ranks.sh" --only control --cycles 2 || status=1
+# The never-hang scenarios: a peer that never makes a call leaves a
+# non-blocking call in progress after 2 s (as NCCL leaves it), so the
+# glue's 6 s deadlines end it.
+FAKE_NCCL_PEER_WAIT_MS=2000 bash "$here/../run-never-hang.sh" --call-deadline 6 \
+    --iterations 50 --timeout 120 || status=1
 echo
 [ $status -eq 0 ] && echo "dry run: PASS" || echo "dry run: FAIL"
 exit $status

@@ -30,7 +30,10 @@
  * the caller's polling; it is not NCCL's asynchrony. A test can make the next
  * collective never complete (fake_nccl_stall_next): on a non-blocking comm
  * ncclCommGetAsyncError then says ncclInProgress until ncclCommAbort; on a
- * blocking one the call waits until fake_nccl_release_stalls. ncclCommAbort
+ * blocking one the call waits until fake_nccl_release_stalls. A peer that
+ * never makes a collective call fails the call after WAIT_SECONDS; with
+ * $FAKE_NCCL_PEER_WAIT_MS set, a non-blocking comm's call is instead left in
+ * progress after that many milliseconds, as NCCL leaves it. ncclCommAbort
  * frees the comm's windows and keeps the comm's memory, marked, so that
  * any later call on it (a use after free in NCCL) is counted
  * (fake_nccl_abort_stats). ncclAllReduce knows float sums and uint64 max;
@@ -222,11 +225,26 @@ static int publish(const fake_comm *c, unsigned long seq, const void *data, size
     return 0;
 }
 
-/* Reads rank r's contribution to call `seq`, waiting for it. */
-static int collect(const fake_comm *c, unsigned long seq, int r, void *data, size_t len) {
+/* What collect() returns when a non-blocking call is left in progress. */
+#define FAKE_LEFT_IN_PROGRESS (-1000)
+
+/* Milliseconds on a monotonic clock. */
+static long long now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* Reads rank r's contribution to call `seq`, waiting for it: WAIT_SECONDS,
+ * then the call fails. On a non-blocking comm with $FAKE_NCCL_PEER_WAIT_MS
+ * set, a peer that has not called after that long leaves the call in
+ * progress until ncclCommAbort (FAKE_LEFT_IN_PROGRESS): what NCCL shows of
+ * a peer that never makes the call. */
+static int collect(fake_comm *c, unsigned long seq, int r, void *data, size_t len) {
     char path[512];
     snprintf(path, sizeof path, "%s/fake-nccl-%s.%lu.%d", dir(), c->tag, seq, r);
-    time_t end = time(NULL) + WAIT_SECONDS;
+    const char *peer_wait = c->blocking ? NULL : getenv("FAKE_NCCL_PEER_WAIT_MS");
+    long long end = now_ms() + (peer_wait && *peer_wait ? atoll(peer_wait) : WAIT_SECONDS * 1000LL);
     for (;;) {
         FILE *f = fopen(path, "rb");
         if (f) {
@@ -239,7 +257,11 @@ static int collect(const fake_comm *c, unsigned long seq, int r, void *data, siz
             }
             return 0;
         }
-        if (time(NULL) > end) {
+        if (now_ms() > end) {
+            if (peer_wait && *peer_wait) {
+                c->pending = 2;
+                return FAKE_LEFT_IN_PROGRESS;
+            }
             snprintf(last_error, sizeof last_error, "rank %d never made call %lu", r, seq);
             return ncclSystemError;
         }
@@ -450,6 +472,7 @@ int ncclCommSplit(fake_comm *parent, int color, int key, fake_comm **out, void *
         n++;
         if (theirs[1] < key || (theirs[1] == key && r < parent->rank)) pos++;
     }
+    if (rc == FAKE_LEFT_IN_PROGRESS) { *out = NULL; return ncclSuccess; } /* child never written */
     if (rc) return rc;
     unsigned long nth = parent->splits++;
     if (color < 0) { *out = NULL; return 0; }
@@ -577,6 +600,7 @@ int ncclCommWindowRegister(fake_comm *c, void *buff, size_t size, fake_window **
             rc = ncclInvalidUsage;
         }
     }
+    if (rc == FAKE_LEFT_IN_PROGRESS) return ncclSuccess; /* grouped: the poll says in progress */
     if (rc) return rc;
     fake_window *w = malloc(sizeof *w);
     if (!w) return ncclSystemError;
@@ -646,6 +670,7 @@ int ncclAllReduce(const void *src, void *dst, size_t count, int dtype, int op, f
     if (rc == 0) memcpy(dst, acc, bytes);
     free(acc);
     free(part);
+    if (rc == FAKE_LEFT_IN_PROGRESS) return ncclSuccess; /* grouped: the poll says in progress */
     return rc ? rc : grouped_done(c);
 }
 

@@ -34,11 +34,19 @@
 //!   registrations then differ, and the run must fail (an NCCL error, the
 //!   log comparison, or the watchdog), never hang.
 //!
+//! * `--scenario diverge|deadline|costs`: a never-hang scenario on two
+//!   non-blocking comms instead of the workload (`two_ranks/never_hang.rs`),
+//!   every call on them under `--call-deadline` seconds (default 20);
+//!   `--cycles` is then the costs scenario's iteration count.
+//!
 //! Exit status: 0 pass, 1 failure, 2 usage, 124 timeout. Launch both ranks
-//! with `multi-gpu/run-two-ranks.sh`.
+//! with `multi-gpu/run-two-ranks.sh` (the workload) or
+//! `multi-gpu/run-never-hang.sh` (the scenarios).
 
 #[path = "two_ranks/exchange.rs"]
 mod exchange;
+#[path = "two_ranks/never_hang.rs"]
+mod never_hang;
 #[path = "two_ranks/workload.rs"]
 mod workload;
 
@@ -67,11 +75,15 @@ struct Options {
     timeout: Duration,
     tolerance_mib: f64,
     control_swap: bool,
+    /// A never-hang scenario instead of the workload.
+    scenario: Option<never_hang::Scenario>,
+    /// The deadline of every call on the scenarios' comms.
+    call_deadline: Duration,
 }
 
 const USAGE: &str = "usage: segment-registry-two-ranks --dir DIR [--rank R] [--world-size N] \
 [--device D] [--cycles N] [--warmup N] [--timeout SECONDS] [--tolerance-mib M] \
-[--control-swap]\n\
+[--control-swap] [--scenario diverge|deadline|costs] [--call-deadline SECONDS]\n\
 (rank and world size default to $RANK and $WORLD_SIZE, DIR to $SEGREG_RUN_DIR)";
 
 fn env_num<T: std::str::FromStr>(name: &str) -> Result<Option<T>, String> {
@@ -92,6 +104,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
     let mut dir = std::env::var_os("SEGREG_RUN_DIR").map(PathBuf::from);
     let (mut cycles, mut warmup, mut timeout, mut tolerance) = (40, 3, 180.0f64, 32.0f64);
     let mut control_swap = false;
+    let (mut scenario, mut call_deadline) = (None, 20.0f64);
     let mut args = args.into_iter();
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
@@ -111,6 +124,8 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
             "--timeout" => timeout = num(value()?)?,
             "--tolerance-mib" => tolerance = num(value()?)?,
             "--control-swap" => control_swap = true,
+            "--scenario" => scenario = Some(never_hang::Scenario::parse(&value()?)?),
+            "--call-deadline" => call_deadline = num(value()?)?,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -133,6 +148,8 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
         timeout: Duration::from_secs_f64(timeout.clamp(1.0, 86400.0)),
         tolerance_mib: tolerance,
         control_swap,
+        scenario,
+        call_deadline: Duration::from_secs_f64(call_deadline.clamp(0.1, 3600.0)),
     })
 }
 
@@ -520,7 +537,14 @@ fn main() -> ExitCode {
         eprintln!("rank {}: {}: {e}", o.rank, o.dir.display());
         return ExitCode::FAILURE;
     }
-    match run(&o, &phase, deadline) {
+    let outcome = match o.scenario {
+        Some(sc) => {
+            phase.set(&format!("scenario {sc:?}"));
+            never_hang::run(&o, sc, deadline)
+        }
+        None => run(&o, &phase, deadline),
+    };
+    match outcome {
         Ok(()) => {
             println!("rank {}: PASS", o.rank);
             ExitCode::SUCCESS

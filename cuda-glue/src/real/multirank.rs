@@ -8,7 +8,7 @@ use cudarc::nccl::sys::ncclUniqueId;
 
 use super::backend::{live_comm, RealBackend};
 use super::context::driver;
-use crate::backend::{BackendError, RawComm};
+use crate::backend::{BackendError, RawComm, Wait};
 
 /// An NCCL unique id (`ncclUniqueId`): 128 opaque bytes that one rank makes
 /// with [`RealBackend::unique_id`] and every rank of the new comm passes to
@@ -108,6 +108,33 @@ impl RealBackend {
                 message: "returned success and a null comm".into(),
             });
         }
+        Ok(RawComm(comm as usize))
+    }
+
+    /// `ncclCommInitRankConfig(nranks, id, rank)` with `blocking = 0` on
+    /// `device`: joins rank `rank` of a *non-blocking* comm, polled until
+    /// it is ready or until `wait`'s deadline (then aborted). Collective, as
+    /// [`comm_init_rank`](Self::comm_init_rank). A comm the caller owns,
+    /// which the allocator may abort at a deadline (attach it with
+    /// [`AttachOptions::owned`](crate::AttachOptions::owned)).
+    pub fn comm_init_rank_nonblocking(
+        &self,
+        device: i32,
+        nranks: i32,
+        rank: i32,
+        id: &UniqueId,
+        wait: &Wait<'_>,
+    ) -> Result<RawComm, BackendError> {
+        if nranks < 1 || rank < 0 || rank >= nranks {
+            return Err(BackendError::InvalidArgument {
+                call: "ncclCommInitRankConfig",
+                reason: format!("rank {rank} of {nranks}"),
+            });
+        }
+        let id = id.to_nccl();
+        let comm = self.contexts.on_device(device, || {
+            self.api.comm_init_rank_nonblocking(nranks, id, rank, wait)
+        })?;
         Ok(RawComm(comm as usize))
     }
 
