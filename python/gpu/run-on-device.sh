@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the Python package's GPU checks on a GPU host (PyTorch, CUDA and
-# NCCL installed; no Rust), from the repository root, with the wheel that
+# NCCL installed; no Rust), from the repository root, on every GPU it has
+# (the SGLang-shaped script alone, then under torchrun with one process per
+# GPU, then the registration benchmark), with the wheel that
 # `bash python/gpu/build-wheel.sh` left in .whl/ carried. Every step runs;
 # the exit status is non-zero if any failed. Output goes to stdout and, per
 # step, to $OUT (when set).
@@ -33,6 +35,10 @@ step() {
   fi
   [ "$rc" = 0 ] || { echo "=== FAILED ($rc): $name"; status=1; }
 }
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 step sglang-shape "$PY" python/gpu/sglang_shape.py
+# One process per GPU (on one GPU: the torchrun path with a world of one).
+step sglang-shape-torchrun "$PY" -m torch.distributed.run --standalone \
+  --nproc_per_node="${ngpu:-1}" python/gpu/sglang_shape.py
 step bench-register "$PY" python/gpu/bench_register.py
 exit $status

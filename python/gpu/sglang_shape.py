@@ -1,30 +1,44 @@
 #!/usr/bin/env python3
-"""segment_registry.torch used the way SGLang uses its pynccl allocator, on one GPU.
+"""segment_registry.torch used the way SGLang uses its pynccl allocator.
 
-One process, world size 1, two process groups over the one rank (the
-default group and ``dist.new_group([0])``) sharing the one ``MemPool``:
+One process per GPU (``torchrun --nproc_per_node=N``), or one process alone
+(world size 1). Two process groups share the one ``MemPool``: the
+tensor-parallel group over every rank, and a smaller one (ranks 0 and 1 of
+four or more; over every rank otherwise, as a second group):
 
-1. 1,000 region cycles (checked), alternating the groups, each allocating a
-   tensor in a region and all-reducing it; device memory must stay flat
-   (``torch.cuda.mem_get_info``: start, end and minimum printed);
+1. 1,000 region cycles (checked), alternating the groups like layers, each
+   allocating a tensor in a region and all-reducing it with its sum
+   checked; device memory must stay flat (``torch.cuda.mem_get_info``:
+   start, end and minimum printed); the registration log (per cycle: the
+   group, its windows, its pending segments) must be the same on every
+   rank of a group (gathered to rank 0);
 2. a CUDA graph captured after a warm-up region, with one new segment
    allocated inside the capture (deferred, with a warning), replayed 100
    times with the right values, then ``register_deferred()``;
-3. ``window_of`` on a tensor (a nonzero window);
+3. ``window_of`` on tensors (nonzero windows, offsets);
 4. NCCL's own log (``NCCL_DEBUG=INFO``, subsystems ``INIT,COLL,TUNING,REG``,
    written to a file and read back by phase): what NCCL decided for the
-   captured collectives at capture time, and that the replays added no
-   decision of their own; plus the kernels CUDA recorded in the graph;
-5. interpreter exit with live pool memory, captured graph and groups: the
+   captured collectives at capture time (the algorithm and kernel, with 2+
+   ranks), and that the replays added no decision of their own; plus the
+   nodes CUDA recorded in the graph;
+5. divergence (2+ ranks): rank 1 allocates an extra tensor in a region of
+   the tensor-parallel group; every rank's region exit raises
+   ``DivergedError`` (none hangs); the others then allocate the same, and
+   the next exit registers it on every rank;
+6. costs at this rank count: a checked region's enter + exit with nothing
+   new, a checked pass alone, and a bare 16-byte all-reduce, medians;
+7. interpreter exit with live pool memory, captured graph and groups: the
    exit hook detaches the groups, then this script destroys the process
    group; the exit must be clean (status 0).
 
-Prints ``ok: ...`` lines and a final ``PASS``; exits non-zero on failure.
+Prints ``ok: ...`` lines (prefixed with the rank when there are several)
+and a final ``PASS``; exits non-zero on failure.
 
 Usage (GPU host, from the repository root)::
 
-    python3 python/gpu/sglang_shape.py            # non-blocking comms (recommended)
+    python3 python/gpu/sglang_shape.py            # one process, non-blocking comms
     python3 python/gpu/sglang_shape.py --blocking # PyTorch's default comms
+    torchrun --nproc_per_node=2 python/gpu/sglang_shape.py
 
 NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and friends, set below
 before torch is imported); nothing here creates a multicast object.
@@ -54,10 +68,13 @@ ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ARGS.add_argument("--blocking", action="store_true", help="leave PyTorch's comms blocking")
 ARGS.add_argument("--cycles", type=int, default=1000)
 ARGS.add_argument("--replays", type=int, default=100)
-ARGS.add_argument("--device", type=int, default=0)
+ARGS.add_argument("--device", type=int, default=None, help="default: LOCAL_RANK, else 0")
 OPTS = ARGS.parse_args()
 
-WORKDIR = tempfile.mkdtemp(prefix="segreg-sglang-shape.")
+RANK = int(os.environ.get("RANK", "0"))
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+DEVICE = OPTS.device if OPTS.device is not None else int(os.environ.get("LOCAL_RANK", "0"))
+WORKDIR = tempfile.mkdtemp(prefix=f"segreg-sglang-shape.r{RANK}.")
 os.environ.setdefault("NCCL_DEBUG", "INFO")
 os.environ.setdefault("NCCL_DEBUG_SUBSYS", "INIT,COLL,TUNING,REG")
 os.environ.setdefault("NCCL_DEBUG_FILE", os.path.join(WORKDIR, "nccl.%p.log"))
@@ -81,11 +98,16 @@ class Check(Exception):
     """A failed check."""
 
 
+def say(line: str) -> None:
+    """Prints a line, with the rank when there are several."""
+    print(f"[rank {RANK}] {line}" if WORLD > 1 else line, flush=True)
+
+
 def check(cond: bool, what: str) -> None:
     """Prints ``ok: what`` or raises."""
     if not cond:
         raise Check(what)
-    print(f"ok: {what}", flush=True)
+    say(f"ok: {what}")
 
 
 def nccl_log() -> str | None:
@@ -122,11 +144,11 @@ DECISION = re.compile(
 def show(title: str, lines: list[str], limit: int = 12) -> list[str]:
     """Prints the decision lines of a phase of NCCL's log; returns them."""
     picked = [ln for ln in lines if DECISION.search(ln)]
-    print(f"--- NCCL log, {title}: {len(lines)} line(s), {len(picked)} about collectives")
+    say(f"--- NCCL log, {title}: {len(lines)} line(s), {len(picked)} about collectives")
     for ln in picked[:limit]:
-        print(f"    {ln.strip()}")
+        say(f"    {ln.strip()}")
     if len(picked) > limit:
-        print(f"    ... {len(picked) - limit} more")
+        say(f"    ... {len(picked) - limit} more")
     return picked
 
 
@@ -172,37 +194,71 @@ def at_exit() -> None:
         dist.destroy_process_group()
         check(True, "destroy_process_group after the exit hook")
     except Exception as e:  # noqa: BLE001
-        print(f"FAILED at exit: {type(e).__name__}: {e}", flush=True)
+        say(f"FAILED at exit: {type(e).__name__}: {e}")
         os._exit(1)
     if FAILED:
         os._exit(1)
-    print("PASS", flush=True)
+    say("PASS")
+
+
+def groups_of(dev: torch.device) -> tuple[object, object, list[int]]:
+    """The tensor-parallel group (WORLD), the smaller group and its ranks."""
+    if "MASTER_ADDR" in os.environ:  # under torchrun
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dist.init_process_group(
+            "nccl", init_method=f"file://{WORKDIR}/store", rank=0, world_size=1, device_id=dev
+        )
+    members = [0, 1] if WORLD >= 4 else list(range(WORLD))
+    other = dist.new_group(members)  # every rank calls new_group, members or not
+    return dist.group.WORLD, other, members
+
+
+def mean_all_reduce(x: torch.Tensor, group: object, size: int) -> None:
+    """All-reduces ``x`` (a sum) and divides by the group's size: ranks that
+    hold the same values keep them, so the checks do not depend on the
+    rank count."""
+    dist.all_reduce(x, group=group)
+    if size > 1:
+        x.div_(float(size))
+
+
+def median_us(stmt: object, n: int) -> float:
+    """The median time of ``n`` calls of ``stmt`` (a callable), in µs."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        stmt()  # type: ignore[operator]
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2] * 1e6
 
 
 def main() -> None:
-    dev = torch.device("cuda", OPTS.device)
+    dev = torch.device("cuda", DEVICE)
     torch.cuda.set_device(dev)
-    print(
+    say(
         f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
         f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, {torch.cuda.get_device_name(dev)}, "
+        f"rank {RANK} of {WORLD}, device {DEVICE}, "
         f"TORCH_NCCL_USE_COMM_NONBLOCKING={os.environ.get('TORCH_NCCL_USE_COMM_NONBLOCKING')}"
     )
     # Registered before segment_registry's hook, so it runs after it.
     atexit.register(at_exit)
 
-    dist.init_process_group(
-        "nccl", init_method=f"file://{WORKDIR}/store", rank=0, world_size=1, device_id=dev
-    )
-    world = dist.group.WORLD
-    other = dist.new_group([0])
-    for g in (world, other):
+    world, other, members = groups_of(dev)
+    in_other = RANK in members
+    sizes_of = {"world": WORLD, "other": len(members)}
+    for g in (world, other) if in_other else (world,):
         t = torch.ones(1, device=dev)
         dist.all_reduce(t, group=g)  # makes the group's NCCL comm
     torch.cuda.synchronize()
     st.configure(checked=True, deadline=120.0)
     hooks = st.TorchHooks(None)
-    comms = {"world": hooks.comm_of(world), "other": hooks.comm_of(other)}
-    check(all(comms.values()) and comms["world"] != comms["other"], f"two NCCL comms {comms}")
+    comms = {"world": hooks.comm_of(world)}
+    if in_other:
+        comms["other"] = hooks.comm_of(other)
+    check(all(comms.values()) and len(set(comms.values())) == len(comms), f"NCCL comms {comms}")
     check(
         st.is_nonblocking(world) == (not OPTS.blocking),
         f"the groups are {'blocking' if OPTS.blocking else 'non-blocking'}",
@@ -212,17 +268,24 @@ def main() -> None:
         "an abort hook exactly for non-blocking groups",
     )
 
-    # -- 1. region cycles ------------------------------------------------------------
-    groups = [world, other]
+    # -- 1. region cycles, like layers -----------------------------------------------
+    names = ["world", "other"] if in_other else ["world"]
+    groups = {"world": world, "other": other}
     sizes = [1 << 18, 1 << 20, 3 << 19]  # 1, 4 and 6 MiB of floats
     free_start = free_min = free_end = 0
     passes0 = 0
+    log: list[tuple[int, str, int, int]] = []
     started = time.perf_counter()
     for i in range(OPTS.cycles):
-        g = groups[i % 2]
+        name = ["world", "other"][i % 2]
+        if name not in names:
+            continue  # not a member of the smaller group: its layer is elsewhere
+        g = groups[name]
         with st.use_symmetric_memory(g):
             x = torch.full((sizes[i % 3],), float(i % 1000), device=dev)
-        dist.all_reduce(x, group=g)
+        info = comm_info(comms[name])
+        log.append((i, name, info.windows, info.pending))
+        mean_all_reduce(x, g, sizes_of[name])
         if i % 100 == 99 or i == OPTS.cycles - 1:
             torch.cuda.synchronize()
             if not bool((x == float(i % 1000)).all()):
@@ -239,15 +302,16 @@ def main() -> None:
     free_min = min(free_min, free_end)
     took = time.perf_counter() - started
     mib = 1 << 20
-    print(
+    say(
         f"device memory free: start {free_start / mib:.0f} MiB, end {free_end / mib:.0f} MiB, "
         f"min {free_min / mib:.0f} MiB ({OPTS.cycles} cycles in {took:.2f} s)"
     )
     s = stats()
     check(OPTS.cycles < 20 or free_start - free_min <= 64 * mib, "device memory flat (64 MiB)")
+    regions = sum(1 for i in range(10, OPTS.cycles) if ["world", "other"][i % 2] in names)
     check(
-        s["passes"] - passes0 >= OPTS.cycles - 10,
-        f"one pass a region exit ({s['passes'] - passes0} after the first 10)",
+        s["passes"] - passes0 >= regions,
+        f"one pass a region exit ({s['passes'] - passes0} for {regions} regions after the first 10)",
     )
     check(s["windows_registered"] > 0, f"{s['windows_registered']} windows registered")
     check(s["diverged"] == 0 and s["timeouts"] == 0, "no divergence, no timeout")
@@ -256,6 +320,16 @@ def main() -> None:
         check(
             info.checked and info.pending == 0,
             f"{name}: checked, nothing pending ({info.windows} windows)",
+        )
+    logs: list[list[tuple[int, str, int, int]]] = [[] for _ in range(WORLD)]
+    dist.all_gather_object(logs, log)
+    for name in ("world", "other"):
+        ranks = range(WORLD) if name == "world" else members
+        per_rank = [[e for e in logs[r] if e[1] == name] for r in ranks]
+        check(
+            all(p == per_rank[0] for p in per_rank),
+            f"the {name} group's registration log is the same on its {len(per_rank)} rank(s) "
+            f"({len(per_rank[0])} region exits)",
         )
 
     # -- 2. a CUDA graph -----------------------------------------------------------------
@@ -284,10 +358,11 @@ def main() -> None:
                 # 48 MiB: no cached block fits, so a segment is made inside the capture.
                 b = torch.empty(12 * n, device=dev)
             a.add_(1.0)
-            dist.all_reduce(a, group=world)  # on a segment registered before the capture
+            mean_all_reduce(a, world, WORLD)  # on a segment registered before the capture
             b[:n].copy_(a)
             b[:n].mul_(2.0)
-            dist.all_reduce(b, group=other)  # on the segment made during the capture
+            if in_other:
+                mean_all_reduce(b, other, len(members))  # on the segment made in the capture
     after_capture = log_size()
     deferred = [w for w in caught if issubclass(w.category, DeferredRegistrationWarning)]
     check(stats()["live_segments"] > segments_before, "a new segment was made inside the capture")
@@ -311,7 +386,7 @@ def main() -> None:
     check(bool((a == want).all()), f"after {OPTS.replays} replays a == {want}")
     check(bool((b[:n] == 2 * want).all()), f"after {OPTS.replays} replays b == {2 * want}")
 
-    summaries = st.register_deferred()
+    summaries = st.register_deferred()  # collective: every rank, here
     check(
         [len(p.registered) for p in summaries] == [1] and st.deferred() == {},
         f"register_deferred registered the captured segment: {summaries}",
@@ -322,9 +397,10 @@ def main() -> None:
         win_b != 0 and win_tail == win_b and off_tail == off_b + 4 * n,
         f"window_of(b) = ({win_b:#x}, {off_b}), window_of(b[n:]) = ({win_tail:#x}, {off_tail})",
     )
-    with st.use_symmetric_memory(other):  # the other group's next exit registers b too
-        pass
-    check(comm_info(comms["other"]).pending == 0, "the other group registered b at its next exit")
+    if in_other:
+        with st.use_symmetric_memory(other):  # the other group's next exit registers b too
+            pass
+        check(comm_info(comms["other"]).pending == 0, "the other group registered b at its exit")
 
     # -- 3. what NCCL decided, from its own log ------------------------------------
     dot = os.path.join(WORKDIR, "graph.dot")
@@ -334,18 +410,68 @@ def main() -> None:
     check(len(captured) >= 2, "NCCL logged the captured collectives when they were captured")
     check(replayed == [], "the replays added no NCCL decision: what ran was fixed at capture")
     if not any("Algo " in ln or "Kernel " in ln for ln in captured):
-        print(
+        say(
             "note: NCCL logged no algorithm for them: on a one-rank comm NCCL takes its "
             "one-rank path (ncclLaunchOneRank: a local copy/reduce, no algorithm, no symmetric "
             "kernel). With 2+ ranks its TUNING lines ('Bytes -> Algo X proto Y', or "
             "'[Symmetric]: ... -> Kernel K') appear in this phase, and never at replay."
         )
     kernels = graph_kernels(dot)
-    print(f"--- the graph's nodes ({dot}):")
+    say(f"--- the graph's nodes ({dot}):")
     for k in kernels[:20]:
-        print(f"    {k}")
+        say(f"    {k}")
 
-    # -- 4. exit with live memory ------------------------------------------------------
+    # -- 4. divergence, through the package -------------------------------------------
+    if WORLD >= 2:
+        big = 16 << 20  # 64 MiB of floats: a new segment on whoever allocates it
+        raised: bool
+        keep_extra = []
+        try:
+            with st.use_symmetric_memory(world):
+                t = torch.empty(n, device=dev)
+                if RANK == 1:
+                    keep_extra.append(torch.empty(big, device=dev))
+            raised = False
+        except _native.DivergedError as e:
+            raised = True
+            say(f"DivergedError, as expected: {e}")
+        everyone: list[bool] = [False] * WORLD
+        dist.all_gather_object(everyone, raised)
+        check(all(everyone), f"every rank's region exit raised DivergedError: {everyone}")
+        # Recovery: the others allocate the same, so every rank matches.
+        with st.use_symmetric_memory(world):
+            if RANK != 1:
+                keep_extra.append(torch.empty(big, device=dev))
+        check(comm_info(comms["world"]).pending == 0, "the next region exit registered on every rank")
+        globals().update(keep_extra=(keep_extra, t))
+    else:
+        say("note: divergence needs two ranks or more: skipped")
+
+    # -- 5. costs at this rank count ---------------------------------------------------
+    region = st.use_symmetric_memory
+    alloc = st.allocator()
+    tiny = torch.zeros(4, dtype=torch.int32, device=dev)  # 16 bytes
+    torch.cuda.synchronize()
+
+    def enter_exit() -> None:
+        with region(world):
+            pass
+
+    def all_reduce_16() -> None:
+        dist.all_reduce(tiny, group=world)
+        torch.cuda.synchronize()
+
+    for f in (enter_exit, all_reduce_16):
+        median_us(f, 50)  # warm-up
+    costs = {
+        "checked region enter + exit, nothing new": median_us(enter_exit, 500),
+        "checked pass alone, nothing pending": median_us(lambda: alloc.register(comms["world"]), 500),
+        "bare 16-byte all-reduce (+ synchronize)": median_us(all_reduce_16, 500),
+    }
+    for what, us in costs.items():
+        say(f"cost at {WORLD} rank(s): {what}: {us:.1f} µs (median of 500)")
+
+    # -- 6. exit with live memory ------------------------------------------------------
     # a, b, the graph and both groups stay alive: the exit hook detaches the
     # groups, then at_exit() destroys the process group.
     globals().update(keep=(a, b, graph, graph_pool))
@@ -357,7 +483,7 @@ if __name__ == "__main__":
         main()
     except Check as e:
         FAILED = True
-        print(f"FAILED: {e}", flush=True)
+        say(f"FAILED: {e}")
         sys.exit(1)
     except Exception:
         FAILED = True
