@@ -169,3 +169,113 @@ impl AddressIndex for SkipIndex {
         }
     }
 }
+
+#[cfg(all(test, not(feature = "loom")))]
+mod tests {
+    use super::*;
+
+    fn n(i: usize) -> NodeRef {
+        NodeRef::from_ptr((0x1000 * i) as *const u8)
+    }
+
+    /// The entries with `lo < key < hi`, in order.
+    fn between(ix: &dyn AddressIndex, lo: usize, hi: usize) -> Vec<usize> {
+        let mut keys = Vec::new();
+        ix.for_each_between(lo, hi, &mut |k, _| {
+            keys.push(k);
+            true
+        });
+        keys
+    }
+
+    /// Every contract of the trait, on `ix` (empty).
+    fn contract(ix: &dyn AddressIndex) {
+        for k in [30, 10, 20, 40] {
+            assert_eq!(ix.insert(k, n(k)), Ok(()));
+        }
+        assert_eq!(ix.insert(20, n(99)), Err(n(20)), "present: unchanged");
+        assert_eq!(ix.get(20), Some(n(20)));
+        assert_eq!(ix.get(25), None);
+        assert_eq!(ix.below(20), Some((10, n(10))));
+        assert_eq!(ix.below(10), None);
+        assert_eq!(ix.at_or_below(20), Some((20, n(20))));
+        assert_eq!(ix.at_or_below(25), Some((20, n(20))));
+        assert_eq!(ix.at_or_below(9), None);
+        assert_eq!(between(ix, 10, 40), [20, 30], "bounds excluded");
+        assert_eq!(between(ix, 40, 10), Vec::<usize>::new());
+        let mut first = Vec::new();
+        ix.for_each_between(0, 100, &mut |k, _| {
+            first.push(k);
+            false
+        });
+        assert_eq!(first, [10], "stops when told");
+        let mut all = Vec::new();
+        ix.for_each(&mut |k, v| {
+            all.push((k, v));
+            true
+        });
+        assert_eq!(all, [10, 20, 30, 40].map(|k| (k, n(k))));
+        assert!(!ix.remove(20, n(99)), "another node at the key: kept");
+        assert_eq!(ix.get(20), Some(n(20)));
+        assert!(ix.remove(20, n(20)));
+        assert!(!ix.remove(20, n(20)), "removed once");
+        assert_eq!(ix.get_then_remove(20, &mut |_| true), None, "absent");
+        let mut seen = None;
+        assert_eq!(
+            ix.get_then_remove(30, &mut |v| {
+                seen = Some(v);
+                false
+            }),
+            Some(false),
+            "declined: kept"
+        );
+        assert_eq!((seen, ix.get(30)), (Some(n(30)), Some(n(30))));
+        assert_eq!(ix.get_then_remove(30, &mut |v| v == n(30)), Some(true));
+        assert_eq!(ix.get(30), None);
+    }
+
+    #[test]
+    fn the_skiplist_index_keeps_every_contract() {
+        contract(&SkipIndex::new());
+    }
+
+    /// The skiplist without its own `get_then_remove`: the trait's default.
+    struct DefaultGetThenRemove(SkipIndex);
+
+    impl AddressIndex for DefaultGetThenRemove {
+        fn new() -> Self {
+            DefaultGetThenRemove(SkipIndex::new())
+        }
+        fn insert(&self, key: usize, node: NodeRef) -> Result<(), NodeRef> {
+            self.0.insert(key, node)
+        }
+        fn remove(&self, key: usize, node: NodeRef) -> bool {
+            self.0.remove(key, node)
+        }
+        fn get(&self, key: usize) -> Option<NodeRef> {
+            self.0.get(key)
+        }
+        fn below(&self, key: usize) -> Option<(usize, NodeRef)> {
+            self.0.below(key)
+        }
+        fn at_or_below(&self, key: usize) -> Option<(usize, NodeRef)> {
+            self.0.at_or_below(key)
+        }
+        fn for_each_between(
+            &self,
+            lo: usize,
+            hi: usize,
+            f: &mut dyn FnMut(usize, NodeRef) -> bool,
+        ) {
+            self.0.for_each_between(lo, hi, f)
+        }
+        fn for_each(&self, f: &mut dyn FnMut(usize, NodeRef) -> bool) {
+            self.0.for_each(f)
+        }
+    }
+
+    #[test]
+    fn the_default_get_then_remove_keeps_the_contract() {
+        contract(&DefaultGetThenRemove::new());
+    }
+}

@@ -9,11 +9,12 @@
 //! (`src/pagemap.rs`), where its slots can be read.
 #![cfg(not(feature = "loom"))]
 
-use std::sync::{Condvar, Mutex};
-use std::thread;
-use std::time::Duration;
+mod common;
 
-use segment_registry::{AddressIndex, CommId, Faults, NodeRef, Registry, Segment, SkipIndex};
+use std::thread;
+
+use common::parking::{arm, resume, wait_parked, ParkingIndex, Point};
+use segment_registry::{AddressIndex, CommId, Faults, Registry, Segment};
 
 const G: usize = 2 << 20;
 const NAIVE: Faults = Faults {
@@ -33,105 +34,13 @@ fn seqs(segs: &[Segment]) -> Vec<u64> {
     segs.iter().map(|s| s.seq).collect()
 }
 
-// ---------------------------------------------------------------------------
-// An index that parks one `insert`, so a test can hold a track in flight.
-// ---------------------------------------------------------------------------
-
-/// The one pause point of [`ParkingIndex`]: the armed key's first insert
-/// waits for [`resume`]. Only `naive_cursor_misses_a_segment_for_good`
-/// arms it, with a key no other test of this file tracks.
-#[derive(Default)]
-struct Gate {
-    armed: Option<usize>,
-    parked: bool,
-    resumed: bool,
-}
-
-static GATE: Mutex<Gate> = Mutex::new(Gate {
-    armed: None,
-    parked: false,
-    resumed: false,
-});
-static GATE_CV: Condvar = Condvar::new();
-/// How long either side waits before failing the test instead of hanging.
-const PATIENCE: Duration = Duration::from_secs(20);
-
-fn arm(key: usize) {
-    *GATE.lock().unwrap() = Gate {
-        armed: Some(key),
-        ..Gate::default()
-    };
-}
-
-fn wait_parked() {
-    let g = GATE.lock().unwrap();
-    let (g, to) = GATE_CV
-        .wait_timeout_while(g, PATIENCE, |g| !g.parked)
-        .unwrap();
-    assert!(!to.timed_out() && g.parked, "no track reached the insert");
-}
-
-fn resume() {
-    GATE.lock().unwrap().resumed = true;
-    GATE_CV.notify_all();
-}
-
-/// The production index, whose armed insert parks (see [`Gate`]).
-struct ParkingIndex(SkipIndex);
-
-impl AddressIndex for ParkingIndex {
-    fn new() -> Self {
-        ParkingIndex(<SkipIndex as AddressIndex>::new())
-    }
-
-    fn insert(&self, key: usize, node: NodeRef) -> Result<(), NodeRef> {
-        let mut g = GATE.lock().unwrap();
-        if g.armed == Some(key) {
-            g.armed = None;
-            g.parked = true;
-            GATE_CV.notify_all();
-            let (g, to) = GATE_CV
-                .wait_timeout_while(g, PATIENCE, |g| !g.resumed)
-                .unwrap();
-            assert!(!to.timed_out() && g.resumed, "the test never resumed");
-        } else {
-            drop(g);
-        }
-        self.0.insert(key, node)
-    }
-
-    fn remove(&self, key: usize, node: NodeRef) -> bool {
-        self.0.remove(key, node)
-    }
-
-    fn get(&self, key: usize) -> Option<NodeRef> {
-        self.0.get(key)
-    }
-
-    fn below(&self, key: usize) -> Option<(usize, NodeRef)> {
-        self.0.below(key)
-    }
-
-    fn at_or_below(&self, key: usize) -> Option<(usize, NodeRef)> {
-        self.0.at_or_below(key)
-    }
-
-    fn for_each_between(&self, lo: usize, hi: usize, f: &mut dyn FnMut(usize, NodeRef) -> bool) {
-        self.0.for_each_between(lo, hi, f)
-    }
-
-    fn for_each(&self, f: &mut dyn FnMut(usize, NodeRef) -> bool) {
-        self.0.for_each(f)
-    }
-}
-
 /// Thread A starts `track(X)` and parks in its insert; meanwhile this
 /// thread tracks Y and runs a pass; A goes on; then two more passes run.
 /// Returns the three passes' registrations.
 fn track_in_flight_during_a_pass(faults: Faults) -> [Vec<Segment>; 3] {
     const X: usize = 0x5a00_0000_0000;
     const Y: usize = X + 4 * G;
-    arm(X);
+    arm(Point::Insert(X));
     let reg: Registry<u32, u64, ParkingIndex> = Registry::with_faults(faults);
     let comm = reg.attach(1);
     thread::scope(|s| {

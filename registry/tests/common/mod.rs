@@ -1,0 +1,3 @@
+//! Helpers shared by the registry's integration tests.
+
+pub(crate) mod parking;

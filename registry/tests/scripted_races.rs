@@ -1,0 +1,44 @@
+//! Races of the registry's own operations, scripted with an index that
+//! parks one track at a chosen step (`common/parking.rs`), so that an
+//! interleaving the stress tests reach only by chance runs every time.
+#![cfg(not(feature = "loom"))]
+
+mod common;
+
+use std::thread;
+
+use common::parking::{arm, resume, wait_parked, ParkingIndex, Point};
+use segment_registry::{Registry, TrackError};
+
+const G: usize = 2 << 20;
+
+/// A track parked after its overlap scan (pending, not committed) loses to
+/// an overlapping track with the lower start, which rejects it: the loser's
+/// error names the winner's range, as a loser found by its own scan would.
+#[test]
+fn a_pending_track_rejected_by_a_racing_winner_names_the_winner() {
+    const A: usize = 0x5b00_0000_0000 + G; // the loser: the higher start
+    const B: usize = A - G / 2; // overlaps A's first half
+    arm(Point::AfterScan(A));
+    let reg: Registry<u32, u64, ParkingIndex> = Registry::with_index();
+    let (a, b) = thread::scope(|s| {
+        let a = s.spawn(|| reg.track(A, G));
+        wait_parked();
+        let b = reg.track(B, G);
+        resume();
+        (a.join().unwrap(), b)
+    });
+    let b = b.expect("the lower start wins");
+    assert_eq!(
+        a,
+        Err(TrackError::Overlap {
+            addr: A,
+            len: G,
+            other_addr: B,
+            other_len: G
+        })
+    );
+    assert_eq!(reg.find(A + G - 1), None, "the loser left no trace");
+    assert_eq!(reg.find(A), Some(b));
+    assert_eq!(reg.segments(), [b]);
+}
