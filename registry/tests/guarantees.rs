@@ -857,6 +857,38 @@ mod cost {
     }
 
     #[test]
+    fn cost_untrack_sweeps_once_max_slack_half_live_nodes_became_sweepable() {
+        // DESIGN.md §9: a sweep runs once more than max(slack, live / 2)
+        // nodes became sweepable since the last, so each untrack pays an
+        // amortized O(1) share. Slack 8, 100 live: the threshold is 50 (of
+        // the live count as the untracks leave it).
+        let reg = Reg::new().with_sweep_slack(8);
+        for i in 0..100 {
+            reg.track(seg_addr(i), MB2).unwrap();
+        }
+        let sweeps = || reg.stats().nodes.sweeps;
+        assert_eq!(sweeps(), 0);
+        // 33 untracks leave 67 live: 33 <= max(8, 33), no sweep yet.
+        for i in 0..33 {
+            drop(reg.untrack(seg_addr(i)).unwrap());
+        }
+        assert_eq!(sweeps(), 0, "not due before the threshold");
+        // The 34th makes 34 > max(8, 66 / 2): one sweep, and the count
+        // starts again.
+        drop(reg.untrack(seg_addr(33)).unwrap());
+        assert_eq!(sweeps(), 1, "due past the threshold");
+        for i in 34..40 {
+            drop(reg.untrack(seg_addr(i)).unwrap());
+        }
+        assert_eq!(sweeps(), 1, "the count started again from zero");
+        // Every node the sweeps retired is freed once the reclaimer runs.
+        reg.flush();
+        let n = reg.stats().nodes;
+        assert!(n.retired >= 30, "{n:?}");
+        assert_eq!(n.freed, n.retired, "{n:?}");
+    }
+
+    #[test]
     fn lookup_page_map_agrees_with_the_skiplist_and_a_reference_on_every_layout() {
         // Granule-aligned segments (sole slots), unaligned ones sharing granules
         // (counted slots), address reuse (a dead node's slot replaced) and
