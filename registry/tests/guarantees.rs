@@ -758,6 +758,30 @@ mod bounded_memory {
     }
 
     #[test]
+    fn bounded_memory_a_watermark_leaving_a_live_node_counts_toward_no_sweep() {
+        // Only dead nodes count toward the next sweep (DESIGN.md §9): a pass
+        // that moves its watermark off a live segment makes nothing
+        // sweepable, so passes alone never bring a sweep forward.
+        let reg = Reg::new().with_sweep_slack(8);
+        let comm = reg.attach("a");
+        for i in 0..20 {
+            reg.track(seg_addr(i), MB2).unwrap();
+        }
+        for i in 20..80 {
+            reg.track(seg_addr(i), MB2).unwrap();
+            assert_eq!(pass_all_ok(&reg, comm).len(), if i == 20 { 21 } else { 1 });
+        }
+        // 79 live after it: the threshold is 39; one untrack is one
+        // sweepable node, the 60 watermark moves none.
+        drop(reg.untrack(seg_addr(0)).unwrap());
+        assert_eq!(
+            reg.stats().nodes.sweeps,
+            0,
+            "60 watermark moves counted as dead nodes"
+        );
+    }
+
+    #[test]
     fn bounded_memory_nodes_held_by_a_pass_are_swept_after_it_lets_go() {
         let reg = Reg::new();
         let comm = reg.attach("a");
