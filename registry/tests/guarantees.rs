@@ -447,6 +447,8 @@ mod exactly_once_windows {
     use std::sync::{Arc, Barrier};
     use std::thread;
 
+    use segment_registry::PassError;
+
     use super::{pass_all_ok, seg_addr, Reg, MB2};
 
     #[test]
@@ -537,6 +539,43 @@ mod exactly_once_windows {
                     "a forgotten comm's window stayed recorded"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn forget_racing_a_pass_scripted_inside_its_callback_gets_the_window_from_the_pass() {
+        // The race above, scripted: `forget` runs (and returns) inside the
+        // callback of the first segment, before the pass records its
+        // window. The pass must find the comm forgotten and hand that
+        // window back itself; the forget's own report cannot have it.
+        let reg = Reg::new();
+        let comm = reg.attach("a");
+        let s0 = reg.track(seg_addr(0), MB2).unwrap();
+        reg.track(seg_addr(1), MB2).unwrap();
+        let mut forgot = None;
+        let failure = reg
+            .register_pending(comm, |_, s| {
+                if forgot.is_none() {
+                    forgot = Some(reg.forget(comm).expect("attached").windows.len());
+                }
+                Ok::<_, ()>(Some(s.seq * 10))
+            })
+            .expect_err("the comm was forgotten during the pass");
+        assert!(matches!(failure.error, PassError::Forgotten(c) if c == comm));
+        assert_eq!(forgot, Some(0), "forget found no recorded window");
+        let backs: Vec<_> = failure
+            .report
+            .handed_back
+            .into_iter()
+            .map(|h| {
+                assert_eq!(format!("{:?}", h.hold), "Hold", "opaque in logs");
+                assert!(!h.hold.release(), "the segment stays live");
+                (h.segment, h.window)
+            })
+            .collect();
+        assert_eq!(backs, [(s0, s0.seq * 10)], "the pass hands its window back");
+        for u in reg.drain() {
+            assert!(u.windows.is_empty(), "no window stays recorded");
         }
     }
 }
