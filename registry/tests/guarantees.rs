@@ -135,7 +135,9 @@ mod comms {
             .unwrap();
         assert!(matches!(err.error, PassError::Comm(CommError::NotAttached(c)) if c == never));
         let a = reg.attach("a");
-        assert!(reg.forget(a).unwrap().windows.is_empty());
+        let f = reg.forget(a).unwrap();
+        assert!(f.windows.is_empty() && f.free_now.is_empty());
+        assert!(!f.pass_running, "no pass was running");
         let err = reg
             .register_pending(a, |_, _| Ok::<_, ()>(None))
             .err()
@@ -607,6 +609,11 @@ mod failure_atomicity {
             .err()
             .unwrap();
         assert_eq!(failure.report.registered, segs[..2].to_vec());
+        let shown = format!("{failure:?}");
+        assert!(
+            shown.starts_with("PassFailure { error: Callback") && shown.contains("registered: ["),
+            "{shown}"
+        );
         match failure.error {
             PassError::Callback { segment, error } => {
                 assert_eq!(segment, segs[2]);
@@ -623,6 +630,20 @@ mod failure_atomicity {
         // The windows of the first attempt were recorded.
         let gone = reg.untrack(segs[0].addr).unwrap();
         assert_eq!(gone.windows, vec![(comm, 1)]);
+    }
+
+    #[test]
+    fn failure_atomicity_a_failure_is_an_error_whose_source_is_the_pass_error() {
+        let reg = Reg::new();
+        let comm = reg.attach("a");
+        reg.track(seg_addr(0), MB2).unwrap();
+        let failure = reg
+            .register_pending(comm, |_, _| Err::<Option<u64>, _>(std::fmt::Error))
+            .err()
+            .unwrap();
+        let source = std::error::Error::source(&failure).expect("the pass error");
+        assert_eq!(source.to_string(), failure.error.to_string());
+        assert_eq!(failure.to_string(), failure.error.to_string());
     }
 
     #[test]
@@ -678,6 +699,38 @@ mod failure_atomicity {
         let untracker_last = holds.pop().unwrap().release();
         let pass_last = back.hold.release();
         assert!(untracker_last ^ pass_last, "exactly one party frees s1");
+    }
+
+    #[test]
+    fn failure_atomicity_a_forget_after_a_panicked_pass_hands_back_what_it_parked() {
+        let reg = Reg::new();
+        let comm = reg.attach("a");
+        let s1 = reg.track(seg_addr(0), MB2).unwrap();
+        reg.track(seg_addr(1), MB2).unwrap();
+        let mut holds = Vec::new();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = reg.register_pending(comm, |_, s| {
+                if s.seq == s1.seq {
+                    let gone = reg.untrack(s1.addr).unwrap();
+                    holds.push(gone.pass_hold.expect("the pass holds it"));
+                    return Ok::<_, ()>(Some(111));
+                }
+                panic!("collective failed hard");
+            });
+        }));
+        assert!(r.is_err());
+        // No pass runs now: forget itself hands back what the panic parked.
+        let f = reg.forget(comm).unwrap();
+        assert!(!f.pass_running);
+        let backs: Vec<_> = f.windows.into_iter().collect();
+        assert_eq!(backs.len(), 1, "the parked window comes back from forget");
+        let back = backs.into_iter().next().unwrap();
+        assert_eq!((back.segment, back.window), (s1, 111));
+        let untracker_last = holds.pop().unwrap().release();
+        assert!(
+            untracker_last ^ back.hold.release(),
+            "exactly one party frees s1"
+        );
     }
 
     #[test]
@@ -818,6 +871,31 @@ mod bounded_memory {
             0,
             "60 watermark moves counted as dead nodes"
         );
+    }
+
+    #[test]
+    fn bounded_memory_a_forgotten_comm_leaves_no_pinned_watermark() {
+        // Each comm's watermark pins the node its last pass ended at; forget
+        // must drop that pin, or each forgotten comm keeps a dead node in the
+        // log for good.
+        let reg = Reg::new().with_sweep_slack(8);
+        for i in 0..50 {
+            let c = reg.attach("short-lived");
+            reg.track(seg_addr(i), MB2).unwrap();
+            assert_eq!(pass_all_ok(&reg, c).len(), 1);
+            let f = reg.forget(c).unwrap();
+            assert_eq!(f.windows.len(), 1);
+            for h in f.windows {
+                assert!(!h.hold.release());
+            }
+            drop(reg.untrack(seg_addr(i)).unwrap());
+        }
+        drop(
+            reg.untrack(reg.track(seg_addr(99), MB2).unwrap().addr)
+                .unwrap(),
+        );
+        let n = reg.stats().nodes;
+        assert!(n.sweeps > 0 && n.in_log <= 8 + 3, "{n:?}");
     }
 
     #[test]
