@@ -216,6 +216,20 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_alone_in_its_granule_ends_where_it_ends() {
+        // The slot names the segment for its whole granule: the lookup
+        // itself must refuse the addresses past its end.
+        let reg = Reg::new();
+        let base = 0x7200_0000_0000;
+        let s = reg.track(base + 4096, G / 2).unwrap();
+        assert_eq!(probe(&reg, s.end()), Probe::One(node_of(&reg, s.addr)));
+        assert_eq!(reg.find(s.end() - 1), Some(s));
+        assert_eq!(reg.find(s.end()), None, "one past the end");
+        assert_eq!(reg.find(base + 4095), None, "one before the start");
+        assert_eq!(reg.find(base + G - 1), None);
+    }
+
+    #[test]
     fn unaligned_sharers_go_to_the_index_and_a_survivor_is_found() {
         let reg = Reg::new();
         let base = 0x7100_0000_0000;
