@@ -37,18 +37,18 @@ fn seqs(segs: &[Segment]) -> Vec<u64> {
 /// Thread A starts `track(X)` and parks in its insert; meanwhile this
 /// thread tracks Y and runs a pass; A goes on; then two more passes run.
 /// Returns the three passes' registrations.
-fn track_in_flight_during_a_pass(faults: Faults) -> [Vec<Segment>; 3] {
-    const X: usize = 0x5a00_0000_0000;
-    const Y: usize = X + 4 * G;
-    arm(Point::Insert(X));
+fn track_in_flight_during_a_pass(faults: Faults, x: usize) -> [Vec<Segment>; 3] {
+    let y = x + 4 * G;
+    let point = Point::Insert(x);
+    arm(point);
     let reg: Registry<u32, u64, ParkingIndex> = Registry::with_faults(faults);
     let comm = reg.attach(1);
     thread::scope(|s| {
-        let a = s.spawn(|| reg.track(X, G).expect("X"));
-        wait_parked();
-        reg.track(Y, G).expect("Y");
+        let a = s.spawn(|| reg.track(x, G).expect("X"));
+        wait_parked(point);
+        reg.track(y, G).expect("Y");
         let first = pass(&reg, comm);
-        resume();
+        resume(point);
         a.join().unwrap();
         [first, pass(&reg, comm), pass(&reg, comm)]
     })
@@ -56,23 +56,21 @@ fn track_in_flight_during_a_pass(faults: Faults) -> [Vec<Segment>; 3] {
 
 #[test]
 fn shipped_cursor_registers_a_track_that_was_in_flight_at_the_next_pass() {
-    let [first, second, third] = track_in_flight_during_a_pass(Faults::NONE);
+    const X: usize = 0x5a00_0000_0000;
+    let [first, second, third] = track_in_flight_during_a_pass(Faults::NONE, X);
     assert_eq!(
         first.iter().map(|s| s.addr).collect::<Vec<_>>(),
-        [0x5a00_0000_0000 + 4 * G]
+        [X + 4 * G]
     );
     assert_eq!(seqs(&first), [1], "Y is first in the log");
-    assert_eq!(
-        second.iter().map(|s| s.addr).collect::<Vec<_>>(),
-        [0x5a00_0000_0000]
-    );
+    assert_eq!(second.iter().map(|s| s.addr).collect::<Vec<_>>(), [X]);
     assert_eq!(seqs(&second), [2], "X's seq is fixed when it joins the log");
     assert!(third.is_empty());
 }
 
 #[test]
 fn naive_cursor_misses_a_segment_for_good() {
-    let [first, second, third] = track_in_flight_during_a_pass(NAIVE);
+    let [first, second, third] = track_in_flight_during_a_pass(NAIVE, 0x5a80_0000_0000);
     // X took seq 1 before it parked, Y seq 2; the first pass saw seq 2 ...
     assert_eq!(seqs(&first), [2], "the first pass registers Y");
     // ... so every later pass skips X (seq 1) although it never registered.

@@ -19,13 +19,14 @@ const G: usize = 2 << 20;
 fn a_pending_track_rejected_by_a_racing_winner_names_the_winner() {
     const A: usize = 0x5b00_0000_0000 + G; // the loser: the higher start
     const B: usize = A - G / 2; // overlaps A's first half
-    arm(Point::AfterScan(A));
+    let point = Point::AfterScan(A);
+    arm(point);
     let reg: Registry<u32, u64, ParkingIndex> = Registry::with_index();
     let (a, b) = thread::scope(|s| {
         let a = s.spawn(|| reg.track(A, G));
-        wait_parked();
+        wait_parked(point);
         let b = reg.track(B, G);
-        resume();
+        resume(point);
         (a.join().unwrap(), b)
     });
     let b = b.expect("the lower start wins");
@@ -41,4 +42,30 @@ fn a_pending_track_rejected_by_a_racing_winner_names_the_winner() {
     assert_eq!(reg.find(A + G - 1), None, "the loser left no trace");
     assert_eq!(reg.find(A), Some(b));
     assert_eq!(reg.segments(), [b]);
+}
+
+/// An untrack parked after making its segment dead, before its index entry
+/// is gone: a track of the same address meets the stale entry, helps
+/// remove it and succeeds (the address is free once the untrack's
+/// linearization point has passed).
+#[test]
+fn a_retrack_meeting_the_stale_entry_of_a_racing_untrack_removes_it_and_succeeds() {
+    const X: usize = 0x5c00_0000_0000;
+    let reg: Registry<u32, u64, ParkingIndex> = Registry::with_index();
+    let old = reg.track(X, G).unwrap();
+    let point = Point::Remove(X);
+    arm(point);
+    let (gone, new) = thread::scope(|s| {
+        let u = s.spawn(|| reg.untrack(X).map(|u| u.segment));
+        wait_parked(point);
+        assert_eq!(reg.find(X), None, "dead once its untrack linearized");
+        let new = reg.track(X, G);
+        resume(point);
+        (u.join().unwrap(), new)
+    });
+    assert_eq!(gone, Ok(old));
+    let new = new.expect("the stale entry is no obstacle");
+    assert!(new.seq > old.seq);
+    assert_eq!(reg.find(X), Some(new));
+    assert_eq!(reg.segments(), [new]);
 }

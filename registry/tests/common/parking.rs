@@ -1,10 +1,10 @@
-//! An address index that parks one call of a `track`, so that a test can
-//! hold a track at a chosen step while other operations run: the
+//! An address index that parks one call of a `track` or an `untrack`, so
+//! that a test can hold it at a chosen step while other operations run: the
 //! production [`SkipIndex`] behind the public [`AddressIndex`] trait, plus
 //! one armed pause point, taken by the first matching call (a registry
 //! builds its index through `AddressIndex::new`, which takes no arguments,
-//! so the point is process-wide: each test arms a key no other test of its
-//! binary tracks).
+//! so the points are process-wide: each test arms keys no other test of its
+//! binary uses).
 #![allow(dead_code)] // each test binary uses its own part
 
 use std::sync::{Condvar, Mutex};
@@ -21,65 +21,72 @@ pub(crate) enum Point {
     /// At the end of `for_each_between(key, _)`: the track's overlap scan
     /// is done and it has not committed yet.
     AfterScan(usize),
+    /// In `remove(key, _)`, before it removes: with this index (which keeps
+    /// the trait's default `get_then_remove`) an untrack parks there after
+    /// making its segment dead, with the entry still in the index.
+    Remove(usize),
 }
 
-struct Gate {
-    armed: Option<Point>,
+/// One armed pause point and where its track is.
+struct Armed {
+    point: Point,
+    /// A call reached it (and, unless resumed, waits there).
     parked: bool,
     resumed: bool,
 }
 
-static GATE: Mutex<Gate> = Mutex::new(Gate {
-    armed: None,
-    parked: false,
-    resumed: false,
-});
+/// Every armed point, of every test of the binary (they run in parallel,
+/// each with keys of its own).
+static GATE: Mutex<Vec<Armed>> = Mutex::new(Vec::new());
 static GATE_CV: Condvar = Condvar::new();
 /// How long either side waits before failing the test instead of hanging.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// Arms `point`: the next matching call parks until [`resume`].
+/// Arms `point`: the first matching call parks until [`resume`]`(point)`.
 pub(crate) fn arm(point: Point) {
-    *GATE.lock().unwrap() = Gate {
-        armed: Some(point),
+    let mut g = GATE.lock().unwrap();
+    g.retain(|a| a.point != point);
+    g.push(Armed {
+        point,
         parked: false,
         resumed: false,
-    };
+    });
 }
 
-/// Blocks until a track has parked at the armed point.
-pub(crate) fn wait_parked() {
+/// Blocks until a call has parked at `point`.
+pub(crate) fn wait_parked(point: Point) {
     let g = GATE.lock().unwrap();
+    let parked = |g: &Vec<Armed>| g.iter().any(|a| a.point == point && a.parked);
     let (g, to) = GATE_CV
-        .wait_timeout_while(g, PATIENCE, |g| !g.parked)
+        .wait_timeout_while(g, PATIENCE, |g| !parked(g))
         .unwrap();
-    assert!(
-        !to.timed_out() && g.parked,
-        "no track reached the pause point"
-    );
+    assert!(!to.timed_out() && parked(&g), "no call reached {point:?}");
 }
 
-/// Lets the parked track go on.
-pub(crate) fn resume() {
-    GATE.lock().unwrap().resumed = true;
+/// Lets the call parked at `point` go on.
+pub(crate) fn resume(point: Point) {
+    let mut g = GATE.lock().unwrap();
+    for a in g.iter_mut().filter(|a| a.point == point) {
+        a.resumed = true;
+    }
     GATE_CV.notify_all();
 }
 
-/// Parks here if `point` is the armed one.
+/// Parks here if `point` is armed and not taken yet.
 fn maybe_park(point: Point) {
     let mut g = GATE.lock().unwrap();
-    if g.armed != Some(point) {
+    let Some(a) = g.iter_mut().find(|a| a.point == point && !a.parked) else {
         return;
-    }
-    g.armed = None;
-    g.parked = true;
+    };
+    a.parked = true;
     GATE_CV.notify_all();
+    let resumed = |g: &Vec<Armed>| g.iter().any(|a| a.point == point && a.resumed);
     let (g, to) = GATE_CV
-        .wait_timeout_while(g, PATIENCE, |g| !g.resumed)
+        .wait_timeout_while(g, PATIENCE, |g| !resumed(g))
         .unwrap();
     assert!(
-        !to.timed_out() && g.resumed,
-        "the test never resumed the track"
+        !to.timed_out() && resumed(&g),
+        "the test never resumed {point:?}"
     );
 }
 
@@ -97,6 +104,7 @@ impl AddressIndex for ParkingIndex {
     }
 
     fn remove(&self, key: usize, node: NodeRef) -> bool {
+        maybe_park(Point::Remove(key));
         self.0.remove(key, node)
     }
 
