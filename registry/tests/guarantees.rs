@@ -104,7 +104,7 @@ mod order {
 mod comms {
     use segment_registry::{CommError, CommId, PassError};
 
-    use super::{seg_addr, Reg, MB2};
+    use super::{pass_all_ok, seg_addr, Reg, MB2};
 
     #[test]
     fn comms_ids_are_never_reused_and_all_comm_passes_go_in_attach_order() {
@@ -123,6 +123,27 @@ mod comms {
         });
         assert_eq!(results.len(), 2);
         assert_eq!(order, vec![(b, "b"), (c, "c")]);
+    }
+
+    #[test]
+    fn comms_stats_count_each_comms_windows_and_pending_segments() {
+        let reg = Reg::new();
+        let (a, b) = (reg.attach("a"), reg.attach("b"));
+        for i in 0..3 {
+            reg.track(seg_addr(i), MB2).unwrap();
+        }
+        assert_eq!(pass_all_ok(&reg, a).len(), 3);
+        reg.track(seg_addr(3), MB2).unwrap();
+        let per_comm = |reg: &Reg| {
+            reg.stats()
+                .comms
+                .iter()
+                .map(|c| (c.comm, c.windows, c.pending))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(per_comm(&reg), [(a, 3, 1), (b, 0, 4)]);
+        drop(reg.untrack(seg_addr(0)).unwrap());
+        assert_eq!(per_comm(&reg), [(a, 2, 1), (b, 0, 3)]);
     }
 
     #[test]
