@@ -142,8 +142,12 @@ mod comms {
                 .collect::<Vec<_>>()
         };
         assert_eq!(per_comm(&reg), [(a, 3, 1), (b, 0, 4)]);
+        let n = reg.stats().nodes;
+        assert_eq!((n.in_log, n.dead_in_log), (4, 0), "{n:?}");
         drop(reg.untrack(seg_addr(0)).unwrap());
         assert_eq!(per_comm(&reg), [(a, 2, 1), (b, 0, 3)]);
+        let n = reg.stats().nodes;
+        assert_eq!((n.in_log, n.dead_in_log), (4, 1), "not swept yet: {n:?}");
     }
 
     #[test]
