@@ -47,10 +47,7 @@ fn a_copy_whose_initialization_failed_leaves_the_process_to_another() {
         println!("skipped: the real backend started here (a GPU host)");
         return;
     }
-    // SAFETY: as above.
-    assert_eq!(
-        unsafe { init_b() },
-        0,
-        "the failed copy gave its claim back"
-    );
+    // SAFETY: a C entry point without arguments.
+    let b_ok = unsafe { init_b() } == 0;
+    assert!(b_ok, "the failed copy gave its claim back");
 }
