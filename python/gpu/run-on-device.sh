@@ -2,7 +2,8 @@
 # Runs the Python package's GPU checks on a GPU host (PyTorch, CUDA and
 # NCCL installed; no Rust), from the repository root, on every GPU it has
 # (the SGLang-shaped script alone, then under torchrun with one process per
-# GPU, then the registration benchmark), with the wheel that
+# GPU, the registration benchmark, and the windows benchmark under torchrun;
+# ONLY=step1,step2 picks steps), with the wheel that
 # `bash python/gpu/build-wheel.sh` left in .whl/ carried. Every step runs;
 # the exit status is non-zero if any failed. Output goes to stdout and, per
 # step, to $OUT (when set).
@@ -27,6 +28,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 status=0
 step() {
   local name=$1; shift
+  # ONLY=name1,name2 runs those steps alone.
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then return 0; fi
   echo; echo "=== $name: $*"
   if [ -n "${OUT:-}" ]; then
     "$@" 2>&1 | tee "$OUT/$name.log"; local rc=${PIPESTATUS[0]}
@@ -41,4 +44,8 @@ step sglang-shape "$PY" python/gpu/sglang_shape.py
 step sglang-shape-torchrun "$PY" -m torch.distributed.run --standalone \
   --nproc_per_node="${ngpu:-1}" python/gpu/sglang_shape.py
 step bench-register "$PY" python/gpu/bench_register.py
+# All-reduce on registered against ordinary buffers, 1 KiB to 256 MiB, and
+# the registration costs at this rank count.
+step bench-windows "$PY" -m torch.distributed.run --standalone \
+  --nproc_per_node="${ngpu:-1}" python/gpu/bench_windows.py
 exit $status
