@@ -612,7 +612,7 @@ mod exactly_once_windows {
 /// pass held is lost; a pass that fails while its thread unwinds lets go
 /// of its comm.
 mod failure_atomicity {
-    use segment_registry::PassError;
+    use segment_registry::{CommId, Hold, PassError, Segment};
 
     use super::{pass_all_ok, seg_addr, PassOnDrop, Reg, MB2};
 
@@ -693,10 +693,10 @@ mod failure_atomicity {
         assert_eq!(gone.windows, vec![(comm, 1)], "no window lost");
     }
 
-    #[test]
-    fn failure_atomicity_a_panic_after_a_hand_back_parks_it_for_the_next_pass() {
-        let reg = Reg::new();
-        let comm = reg.attach("a");
+    /// Tracks s1 and s2 and runs a pass whose callback untracks s1 while
+    /// registering it (window 111) and then panics on s2, so the pass parks
+    /// s1's hand-back. Returns s1, s2 and the untrack caller's hold on s1.
+    fn panic_after_a_hand_back(reg: &Reg, comm: CommId) -> (Segment, Segment, Hold<'_, u64>) {
         let s1 = reg.track(seg_addr(0), MB2).unwrap();
         let s2 = reg.track(seg_addr(1), MB2).unwrap();
         let mut holds = Vec::new();
@@ -711,7 +711,15 @@ mod failure_atomicity {
                 panic!("collective failed hard");
             });
         }));
-        assert!(r.is_err());
+        assert!(r.is_err(), "the panic reaches the caller");
+        (s1, s2, holds.pop().expect("s1 was untracked"))
+    }
+
+    #[test]
+    fn failure_atomicity_a_panic_after_a_hand_back_parks_it_for_the_next_pass() {
+        let reg = Reg::new();
+        let comm = reg.attach("a");
+        let (s1, s2, hold) = panic_after_a_hand_back(&reg, comm);
         // The window of s1 and the duty to free it are not lost: the next pass
         // hands them back.
         let report = reg
@@ -721,7 +729,7 @@ mod failure_atomicity {
         assert_eq!(report.handed_back.len(), 1);
         let back = report.handed_back.into_iter().next().unwrap();
         assert_eq!((back.segment, back.window), (s1, 111));
-        let untracker_last = holds.pop().unwrap().release();
+        let untracker_last = hold.release();
         let pass_last = back.hold.release();
         assert!(untracker_last ^ pass_last, "exactly one party frees s1");
     }
@@ -730,28 +738,18 @@ mod failure_atomicity {
     fn failure_atomicity_a_forget_after_a_panicked_pass_hands_back_what_it_parked() {
         let reg = Reg::new();
         let comm = reg.attach("a");
-        let s1 = reg.track(seg_addr(0), MB2).unwrap();
-        reg.track(seg_addr(1), MB2).unwrap();
-        let mut holds = Vec::new();
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _ = reg.register_pending(comm, |_, s| {
-                if s.seq == s1.seq {
-                    let gone = reg.untrack(s1.addr).unwrap();
-                    holds.push(gone.pass_hold.expect("the pass holds it"));
-                    return Ok::<_, ()>(Some(111));
-                }
-                panic!("collective failed hard");
-            });
-        }));
-        assert!(r.is_err());
+        let (s1, _, hold) = panic_after_a_hand_back(&reg, comm);
         // No pass runs now: forget itself hands back what the panic parked.
         let f = reg.forget(comm).unwrap();
         assert!(!f.pass_running);
-        let backs: Vec<_> = f.windows.into_iter().collect();
-        assert_eq!(backs.len(), 1, "the parked window comes back from forget");
-        let back = backs.into_iter().next().unwrap();
+        assert_eq!(
+            f.windows.len(),
+            1,
+            "the parked window comes back from forget"
+        );
+        let back = f.windows.into_iter().next().unwrap();
         assert_eq!((back.segment, back.window), (s1, 111));
-        let untracker_last = holds.pop().unwrap().release();
+        let untracker_last = hold.release();
         assert!(
             untracker_last ^ back.hold.release(),
             "exactly one party frees s1"
