@@ -569,13 +569,76 @@ impl Backoff {
 
     /// Waits before the next poll of `wait`'s call.
     pub fn pause(&mut self, wait: &Wait<'_>) {
+        match self.next_nap(wait) {
+            None => std::thread::yield_now(),
+            Some(nap) => std::thread::sleep(nap),
+        }
+    }
+
+    /// The pause before the next poll: `None` for a yield, else the sleep.
+    fn next_nap(&mut self, wait: &Wait<'_>) -> Option<Duration> {
         self.polls = self.polls.saturating_add(1);
         if self.polls <= Self::YIELDS {
-            std::thread::yield_now();
-            return;
+            return None;
         }
         let doublings = (self.polls - Self::YIELDS).min(8);
         let nap = Duration::from_micros(1u64 << doublings).min(Self::MAX_NAP);
-        std::thread::sleep(wait.clip(nap));
+        Some(wait.clip(nap))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A poller's nap never runs past the deadline, and is left alone where
+    /// there is no deadline or it has passed (the next check fires then).
+    #[test]
+    fn a_nap_is_clipped_to_the_time_left() {
+        let nap = Duration::from_secs(10);
+        let w = Wait::give_up_after(Duration::from_secs(1));
+        let clipped = w.clip(nap);
+        assert!(
+            !clipped.is_zero() && clipped <= Duration::from_secs(1),
+            "{clipped:?}"
+        );
+        assert_eq!(w.clip(Duration::from_micros(5)), Duration::from_micros(5));
+        assert_eq!(Wait::unbounded().clip(nap), nap);
+        assert_eq!(Wait::give_up_after(Duration::ZERO).clip(nap), nap);
+    }
+
+    /// 64 yields, then sleeps of 2, 4, ... µs doubling up to 200 µs, and
+    /// no sleep longer than the time left.
+    #[test]
+    fn the_backoff_yields_then_doubles_its_naps_up_to_the_cap() {
+        let mut b = Backoff::new();
+        let hour = Wait::give_up_after(Duration::from_secs(3600));
+        let naps: Vec<_> = (0..80).map(|_| b.next_nap(&hour)).collect();
+        assert!(naps[..64].iter().all(Option::is_none), "{naps:?}");
+        let us = |n| Some(Duration::from_micros(n));
+        assert_eq!(
+            naps[64..],
+            [
+                us(2),
+                us(4),
+                us(8),
+                us(16),
+                us(32),
+                us(64),
+                us(128),
+                us(200),
+                us(200),
+                us(200),
+                us(200),
+                us(200),
+                us(200),
+                us(200),
+                us(200),
+                us(200)
+            ]
+        );
+        let soon = Wait::give_up_after(Duration::from_micros(100));
+        let clipped = b.next_nap(&soon).unwrap();
+        assert!(clipped <= Duration::from_micros(100), "{clipped:?}");
     }
 }
