@@ -123,3 +123,51 @@ impl<J> Gate<J> {
 fn wait<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
     cv.wait(guard).unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    use super::*;
+
+    /// A job submitted while a call is in flight waits in the queue and
+    /// runs right after that call, on the claimant's thread; the queue is
+    /// empty again once the comm is let go.
+    #[test]
+    fn a_job_submitted_during_a_call_runs_right_after_it() {
+        let gate = Gate::new();
+        let ran = RefCell::new(Vec::new());
+        let run = |j: u32| ran.borrow_mut().push(j);
+        assert_eq!(gate.queued(), 0);
+        let r = gate.call(
+            || {
+                assert!(gate.submit(1, |_| unreachable!("queued, not run")));
+                assert!(gate.submit(2, |_| unreachable!("queued, not run")));
+                assert_eq!(gate.queued(), 2);
+                ran.borrow_mut().push(0);
+                "answer"
+            },
+            run,
+        );
+        assert_eq!(r, "answer");
+        assert_eq!(*ran.borrow(), [0, 1, 2]);
+        assert_eq!(gate.queued(), 0);
+        assert!(!gate.submit(3, run), "no call in flight: runs now");
+        assert_eq!(*ran.borrow(), [0, 1, 2, 3]);
+    }
+
+    /// A claimant that unwinds lets the comm go: the next submit runs at
+    /// once instead of queueing behind a claim nobody holds.
+    #[test]
+    fn a_claimant_that_panics_lets_the_comm_go() {
+        let gate = Gate::<u32>::new();
+        let unwound = catch_unwind(AssertUnwindSafe(|| {
+            gate.call(|| panic!("a hook panics inside the call"), |_| {})
+        }));
+        assert!(unwound.is_err());
+        let ran = RefCell::new(Vec::new());
+        assert!(!gate.submit(7, |j| ran.borrow_mut().push(j)));
+        assert_eq!(*ran.borrow(), [7]);
+    }
+}

@@ -26,7 +26,7 @@ pub(crate) fn bump(c: &AtomicU64) {
 }
 
 /// Reads a counter.
-fn get(c: &AtomicU64) -> u64 {
+pub(crate) fn get(c: &AtomicU64) -> u64 {
     // Relaxed: statistics only.
     c.load(Ordering::Relaxed)
 }

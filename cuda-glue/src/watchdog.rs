@@ -154,3 +154,44 @@ fn run(dog: &Watchdog) {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::get;
+
+    fn sink() -> Sink {
+        Sink {
+            counters: Arc::new(Counters::default()),
+            last_error: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The watchdog reports a call still running past its deadline, once,
+    /// and names it; not a call that returned before its deadline, nor one
+    /// whose deadline is still ahead.
+    #[test]
+    fn only_a_call_still_running_past_its_deadline_is_reported() {
+        let (late, long, done) = (sink(), sink(), sink());
+        let short = Duration::from_millis(100);
+        let _late = watch(Watched::Split(RawComm(0x3)), short, late.clone());
+        let _long = watch(
+            Watched::Split(RawComm(0x1)),
+            Duration::from_secs(3600),
+            long.clone(),
+        );
+        drop(watch(Watched::Split(RawComm(0x2)), short, done.clone()));
+        std::thread::sleep(4 * short);
+        assert_eq!(get(&late.counters.stalls), 1);
+        let msg = lock(&late.last_error).clone().unwrap();
+        assert!(
+            msg.starts_with(
+                "segment-registry: ncclCommSplit of RawComm(0x3) (a checked attach) has waited"
+            ) && msg.contains("past its deadline of 100ms"),
+            "{msg}"
+        );
+        assert_eq!(get(&long.counters.stalls), 0, "its deadline is ahead");
+        assert_eq!(get(&done.counters.stalls), 0, "it returned in time");
+        assert!(lock(&done.last_error).is_none());
+    }
+}

@@ -201,7 +201,8 @@ fn handles_waits_and_allocators_print_what_a_log_needs() {
             .starts_with("ncclCommWindowRegister on RawComm(0x10) did not complete in "),
         "{e}"
     );
-    let world = SimWorld::new(1);
+    let world = SimWorld::new(2);
+    assert_eq!(format!("{world:?}"), "SimWorld { nranks: 2, .. }");
     let al = Allocator::new(world.rank(0).unwrap());
     assert_eq!(format!("{al:?}"), "Allocator { backend: \"sim\", .. }");
 }

@@ -232,6 +232,17 @@ fn c_abi_through_the_exported_symbols() {
         "not initialized",
     );
 
+    // The simulator's controls and a pass over every comm: -1, not 0.
+    let sim_abort: Symbol<'_, CommFn> = sym!(lib, b"segreg_sim_comm_abort");
+    let stall: Symbol<'_, CommFn> = sym!(lib, b"segreg_sim_stall_next_register");
+    // SAFETY: an opaque handle, which the library refuses before init.
+    assert_eq!(unsafe { sim_abort(bad(0x1000)) }, -1);
+    // SAFETY: as above.
+    assert_eq!(unsafe { stall(bad(0x1000)) }, -1);
+    assert_eq!(api.violations(), -1);
+    assert_eq!(api.register_all(), -1);
+    api.expect_error("not initialized");
+
     // The real backend on a machine without CUDA/NCCL: a typed error.
     if segment_registry_nccl::real::RealBackend::new().is_err() {
         assert_eq!(api.init(), -1);
@@ -331,6 +342,20 @@ fn c_abi_through_the_exported_symbols() {
     assert_eq!((s.comms_attached, s.sim_violations, s.orphans), (0, 0, 0));
 
     window_lookup(&api);
+
+    // Last, as it breaks NCCL's rules: a comm destroyed while attached
+    // with a window. A pass over every comm fails, and the simulator
+    // counts the violation.
+    let doomed = api.comm_create();
+    assert!(api.attach(doomed) > 0);
+    let p = api.alloc(2 * MIB);
+    assert_eq!(api.register(doomed), 1);
+    let _ = api.alloc(2 * MIB);
+    assert_eq!(api.comm_destroy(doomed), 0);
+    assert_eq!(api.violations(), 1);
+    assert_eq!(api.register_all(), -1);
+    api.expect_error("is not a live comm");
+    api.free(p, 2 * MIB);
 }
 
 /// `segreg_window_get`: every answer, bad input, after free, after detach,

@@ -346,3 +346,52 @@ fn an_unchecked_attach_makes_no_collective_and_abstain_refuses_it() {
     );
     assert!(!a.stats().comms[0].checked);
 }
+
+/// Runs one checked pass on two ranks that allocate `sizes[r]` (in MiB, in
+/// that order) and returns each rank's `Diverged` message.
+fn divergence_messages(sizes: [&[usize]; 2]) -> Vec<String> {
+    let job = Ranks::new(2, Duration::from_secs(5), TestFaults::default());
+    let passes = job
+        .run(|r, a, id| {
+            for &m in sizes[r] {
+                a.alloc(m * MIB, 0).unwrap();
+            }
+            a.register(id)
+        })
+        .expect("the pass returns on both ranks");
+    let msgs = passes
+        .into_iter()
+        .map(|p| match p {
+            Err(e @ RegisterError::Diverged(_)) => e.to_string(),
+            other => panic!("expected Diverged, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(job.world.stats().windows_issued, 0);
+    job.finish();
+    msgs
+}
+
+/// The message names what differs: the total size when the counts match,
+/// and the lengths or their order when counts and totals match too.
+#[test]
+fn a_divergence_in_sizes_or_in_order_is_named_as_such() {
+    let sizes = divergence_messages([&[2], &[4]]);
+    assert!(
+        sizes[0].ends_with(
+            "this rank has 1 pending segment (2 MiB); the group has 1 segments of 2 MiB to \
+             4 MiB in all; free or allocate so every rank matches, then register again"
+        ),
+        "{}",
+        sizes[0]
+    );
+    let order = divergence_messages([&[2, 4], &[4, 2]]);
+    assert!(
+        order[1].ends_with(
+            "this rank has 2 pending segments (6 MiB), as many and as large as the group's, \
+             but of other lengths or in another order; allocate in the same order on every \
+             rank, then register again"
+        ),
+        "{}",
+        order[1]
+    );
+}

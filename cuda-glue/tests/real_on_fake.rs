@@ -194,3 +194,26 @@ fn the_allocator_ends_stalled_calls_at_their_deadline_on_real_nccl_calls() {
     unsafe { al.backend().comm_destroy(raw_a) }.unwrap();
     assert_eq!(fake.outstanding(), (0, 0));
 }
+
+/// The C ABI's `segreg_init` picks the real backend where NCCL loads (here
+/// the fake), says so by name, and its allocations reach `ncclMemAlloc`
+/// and `ncclMemFree`.
+#[test]
+fn the_c_abi_initializes_on_the_real_backend() {
+    if !fake::in_child("the_c_abi_initializes_on_the_real_backend") {
+        return;
+    }
+    use segment_registry_nccl::capi::{segreg_alloc, segreg_backend, segreg_free, segreg_init};
+    use std::ffi::CStr;
+    let fake = fake::Controls::load();
+    assert_eq!(segreg_init(), 0);
+    let name = segreg_backend();
+    assert!(!name.is_null());
+    // SAFETY: a non-null answer of segreg_backend is a static C string.
+    assert_eq!(unsafe { CStr::from_ptr(name) }.to_str(), Ok("nccl"));
+    let p = segreg_alloc(2 * MIB, 0, std::ptr::null_mut());
+    assert!(!p.is_null());
+    assert_eq!(fake.outstanding().1, 1, "one block from ncclMemAlloc");
+    segreg_free(p, 2 * MIB, 0, std::ptr::null_mut());
+    assert_eq!(fake.outstanding(), (0, 0));
+}

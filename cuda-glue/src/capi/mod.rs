@@ -580,3 +580,20 @@ pub extern "C" fn segreg_sim_violations() -> i64 {
         i64::try_from(n).map_err(|_| "overflow".to_string())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::deadline_of;
+
+    /// Only a positive number of milliseconds is a deadline; zero and
+    /// negative values leave the environment's or the default.
+    #[test]
+    fn a_deadline_is_positive_milliseconds() {
+        assert_eq!(deadline_of(1500), Some(Duration::from_millis(1500)));
+        assert_eq!(deadline_of(1), Some(Duration::from_millis(1)));
+        assert_eq!(deadline_of(0), None);
+        assert_eq!(deadline_of(-5), None);
+    }
+}
