@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use segment_registry_nccl::sim::SimWorld;
 use segment_registry_nccl::{
-    Allocator, AtDeadline, Backend, BackendError, RawComm, Wait, Window, MIN_NCCL_VERSION,
+    AbortHook, Allocator, AtDeadline, Backend, BackendError, CommOwner, RawComm, Wait, Window,
+    MIN_NCCL_VERSION,
 };
 
 /// A backend with only the required calls: memory and windows.
@@ -179,7 +180,7 @@ fn past_its_deadline_a_wait_runs_its_action_once() {
 
 /// The forms logs and messages print: handles in hex, a window with its
 /// generation, a wait with its deadline and what fired, an allocator with
-/// its backend's name.
+/// its backend's name, a comm's owner without its hook.
 #[test]
 fn handles_waits_and_allocators_print_what_a_log_needs() {
     assert_eq!(format!("{:?}", RawComm(0xab)), "RawComm(0xab)");
@@ -205,4 +206,12 @@ fn handles_waits_and_allocators_print_what_a_log_needs() {
     assert_eq!(format!("{world:?}"), "SimWorld { nranks: 2, .. }");
     let al = Allocator::new(world.rank(0).unwrap());
     assert_eq!(format!("{al:?}"), "Allocator { backend: \"sim\", .. }");
+    let hook: AbortHook = Arc::new(|_| Ok(()));
+    let owners = [
+        CommOwner::Borrowed,
+        CommOwner::BorrowedNonBlocking(hook),
+        CommOwner::Owned,
+    ];
+    let printed: Vec<String> = owners.iter().map(|o| format!("{o:?}")).collect();
+    assert_eq!(printed, ["Borrowed", "BorrowedNonBlocking(hook)", "Owned"]);
 }

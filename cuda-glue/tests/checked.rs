@@ -395,3 +395,25 @@ fn a_divergence_in_sizes_or_in_order_is_named_as_such() {
         order[1]
     );
 }
+
+/// A checked attach splits a private agreement comm; detach releases it
+/// (finalize and destroy), so only the application's comm is left.
+#[test]
+fn detach_releases_the_agreement_comm() {
+    let world = SimWorld::new(1);
+    let al = Allocator::new(world.rank(0).unwrap());
+    let raw = world.comm_create(&[0]).unwrap()[0];
+    let id = al
+        .attach_with(raw, segment_registry_nccl::AttachOptions::new().checked())
+        .unwrap();
+    assert_eq!(
+        world.stats().live_comms,
+        2,
+        "the comm and its agreement comm"
+    );
+    al.detach(id).unwrap();
+    assert_eq!(world.stats().live_comms, 1, "the agreement comm is gone");
+    world.comm_destroy(raw).unwrap();
+    assert_eq!(world.stats().live_comms, 0);
+    assert!(world.verify().is_empty(), "{:?}", world.verify());
+}
