@@ -1365,3 +1365,28 @@ fn window_of_raw_under_attach_detach_churn() {
     }
     assert_clean(&world);
 }
+
+/// `detach_all` detaches every comm in attach order and reports each one's
+/// deregistrations.
+#[test]
+fn detach_all_reports_every_comm_in_attach_order() {
+    let world = SimWorld::new(1);
+    let al = Allocator::new(world.rank(0).unwrap());
+    let raws: Vec<_> = (0..2).map(|_| world.comm_create(&[0]).unwrap()[0]).collect();
+    let ids: Vec<_> = raws.iter().map(|&r| al.attach(r).unwrap()).collect();
+    al.alloc(2 * MIB, 0).unwrap();
+    assert_eq!(al.register(ids[0]).unwrap().windows, 1);
+    let reports: Vec<_> = al
+        .detach_all()
+        .into_iter()
+        .map(|(id, r)| (id, r.unwrap().deregistered))
+        .collect();
+    assert_eq!(reports, [(ids[0], 1), (ids[1], 0)]);
+    assert!(al.comms().is_empty());
+    assert_eq!(world.stats().live_windows, 0);
+    al.free_all();
+    for raw in raws {
+        world.comm_destroy(raw).unwrap();
+    }
+    assert!(world.verify().is_empty(), "{:?}", world.verify());
+}
