@@ -1390,3 +1390,23 @@ fn detach_all_reports_every_comm_in_attach_order() {
     }
     assert!(world.verify().is_empty(), "{:?}", world.verify());
 }
+
+/// A comm's symmetric support is unknown until a registration answers: an
+/// empty pass says nothing, a window says yes.
+#[test]
+fn symmetric_support_is_known_only_once_a_registration_answers() {
+    let world = SimWorld::new(1);
+    let al = Allocator::new(world.rank(0).unwrap());
+    let raw = world.comm_create(&[0]).unwrap()[0];
+    let id = al.attach(raw).unwrap();
+    assert_eq!(al.stats().comms[0].symmetric, None);
+    assert_eq!(al.register(id).unwrap().windows, 0);
+    assert_eq!(al.stats().comms[0].symmetric, None, "an empty pass");
+    al.alloc(2 * MIB, 0).unwrap();
+    assert_eq!(al.register(id).unwrap().windows, 1);
+    assert_eq!(al.stats().comms[0].symmetric, Some(true));
+    al.free_all();
+    al.detach(id).unwrap();
+    world.comm_destroy(raw).unwrap();
+    assert!(world.verify().is_empty(), "{:?}", world.verify());
+}

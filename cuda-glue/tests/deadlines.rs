@@ -352,3 +352,35 @@ fn a_checked_comm_whose_registration_times_out_loses_its_agreement_comm_too() {
     assert_eq!(job.world.stats().aborts, 4);
     job.finish();
 }
+
+/// A free whose deregistration reaches its deadline aborts the owned comm:
+/// the window is dropped (NCCL freed it inside the abort), not kept for a
+/// retry, and the memory is freed at once.
+#[test]
+fn a_free_whose_deregistration_reaches_its_deadline_drops_the_window_and_frees() {
+    let world = SimWorld::new(1);
+    let raw = world.comm_create_nonblocking(&[0]).unwrap()[0];
+    let al = Allocator::new(world.rank(0).unwrap());
+    let id = al
+        .attach_with(raw, AttachOptions::new().owned().deadline(DEADLINE))
+        .unwrap();
+    let p = al.alloc(2 * MIB, 0).unwrap();
+    assert_eq!(al.register(id).unwrap().windows, 1);
+    world.stall_next(raw, SimOp::Deregister).unwrap();
+    al.free(p).unwrap();
+    let s = al.stats();
+    assert_eq!(
+        (
+            s.comms_aborted,
+            s.windows_dropped,
+            s.deregister_failures,
+            s.mem_frees
+        ),
+        (1, 1, 0, 1),
+        "{s:?}"
+    );
+    assert_eq!(s.comms[0].stuck, 0, "nothing left to retry");
+    al.detach(id).unwrap();
+    assert_exact(0, &al);
+    assert_clean(&world);
+}
