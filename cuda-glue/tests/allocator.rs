@@ -1400,6 +1400,7 @@ fn symmetric_support_is_known_only_once_a_registration_answers() {
     let raw = world.comm_create(&[0]).unwrap()[0];
     let id = al.attach(raw).unwrap();
     assert_eq!(al.stats().comms[0].symmetric, None);
+    assert!(!al.stats().comms[0].abortable, "borrowed and blocking");
     assert_eq!(al.register(id).unwrap().windows, 0);
     assert_eq!(al.stats().comms[0].symmetric, None, "an empty pass");
     al.alloc(2 * MIB, 0).unwrap();

@@ -366,6 +366,7 @@ fn a_free_whose_deregistration_reaches_its_deadline_drops_the_window_and_frees()
         .unwrap();
     let p = al.alloc(2 * MIB, 0).unwrap();
     assert_eq!(al.register(id).unwrap().windows, 1);
+    assert!(al.stats().comms[0].abortable, "owned");
     world.stall_next(raw, SimOp::Deregister).unwrap();
     al.free(p).unwrap();
     let s = al.stats();
