@@ -73,8 +73,12 @@ fn non_blocking_calls_poll_and_a_stalled_one_ends_by_an_abort_at_its_deadline() 
     assert_eq!(b.comm_async_error(child).unwrap(), CommProgress::Ready);
     b.all_reduce_setup(child).unwrap();
     let mut words = [3u64, u64::MAX, 0];
+    // The copy back is still running for a few polls: the result is read
+    // only once the stream says it is done.
+    fake.stream_busy(3);
     b.all_reduce_max_u64(child, &mut words, &Wait::unbounded())
         .expect("ncclAllReduce uint64 max");
+    assert_eq!(fake.stream_busy_left(), 0, "waited for the stream");
     assert_eq!(
         words,
         [3, u64::MAX, 0],

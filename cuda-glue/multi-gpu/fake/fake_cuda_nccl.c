@@ -123,7 +123,17 @@ CUresult cuStreamCreate(CUstream *s, unsigned flags) {
     return *s ? 0 : 2; /* out of memory */
 }
 CUresult cuStreamDestroy_v2(CUstream s) { free(s); return 0; }
-CUresult cuStreamQuery(CUstream s) { (void)s; return 0; }
+/* Polls of cuStreamQuery still to answer CUDA_ERROR_NOT_READY (set by
+ * fake_nccl_stream_busy): a stream whose work has not finished. */
+static int stream_busy_polls;
+CUresult cuStreamQuery(CUstream s) {
+    (void)s;
+    pthread_mutex_lock(&mu);
+    int busy = stream_busy_polls > 0;
+    if (busy) stream_busy_polls--;
+    pthread_mutex_unlock(&mu);
+    return busy ? 600 /* CUDA_ERROR_NOT_READY */ : 0;
+}
 CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
     void *m = calloc(1, n ? n : 1);
     if (!m) return 2;
@@ -744,4 +754,19 @@ void fake_nccl_abort_stats(size_t *n_aborts, size_t *after_abort, size_t *window
     *after_abort = calls_after_abort;
     *windows_freed = windows_freed_by_abort;
     pthread_mutex_unlock(&mu);
+}
+
+/* The next `polls` cuStreamQuery calls answer CUDA_ERROR_NOT_READY. */
+void fake_nccl_stream_busy(int polls) {
+    pthread_mutex_lock(&mu);
+    stream_busy_polls = polls;
+    pthread_mutex_unlock(&mu);
+}
+
+/* cuStreamQuery calls still to answer CUDA_ERROR_NOT_READY. */
+int fake_nccl_stream_busy_left(void) {
+    pthread_mutex_lock(&mu);
+    int n = stream_busy_polls;
+    pthread_mutex_unlock(&mu);
+    return n;
 }

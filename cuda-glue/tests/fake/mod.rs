@@ -99,6 +99,8 @@ pub fn in_child(test: &str) -> bool {
 
 type Void = unsafe extern "C" fn();
 type WaitPaused = unsafe extern "C" fn(c_int) -> c_int;
+type SetCount = unsafe extern "C" fn(c_int);
+type Count = unsafe extern "C" fn() -> c_int;
 type Outstanding = unsafe extern "C" fn(*mut usize, *mut usize);
 type AbortStats = unsafe extern "C" fn(*mut usize, *mut usize, *mut usize);
 
@@ -141,6 +143,22 @@ impl Controls {
         let f = unsafe { self.lib.get::<WaitPaused>(b"fake_nccl_wait_paused") }.unwrap();
         // SAFETY: a plain value.
         unsafe { f(seconds) == 0 }
+    }
+
+    /// The next `polls` `cuStreamQuery` calls answer "not ready".
+    pub fn stream_busy(&self, polls: c_int) {
+        // SAFETY: the control's C prototype is `void f(int)`.
+        let f = unsafe { self.lib.get::<SetCount>(b"fake_nccl_stream_busy") }.unwrap();
+        // SAFETY: a plain value.
+        unsafe { f(polls) }
+    }
+
+    /// `cuStreamQuery` calls still to answer "not ready".
+    pub fn stream_busy_left(&self) -> c_int {
+        // SAFETY: the control's C prototype is `int f(void)`.
+        let f = unsafe { self.lib.get::<Count>(b"fake_nccl_stream_busy_left") }.unwrap();
+        // SAFETY: no arguments; it only takes the fake's own lock.
+        unsafe { f() }
     }
 
     /// `(bytes, blocks)` allocated by `ncclMemAlloc` and not freed.
