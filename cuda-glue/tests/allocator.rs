@@ -1372,7 +1372,9 @@ fn window_of_raw_under_attach_detach_churn() {
 fn detach_all_reports_every_comm_in_attach_order() {
     let world = SimWorld::new(1);
     let al = Allocator::new(world.rank(0).unwrap());
-    let raws: Vec<_> = (0..2).map(|_| world.comm_create(&[0]).unwrap()[0]).collect();
+    let raws: Vec<_> = (0..2)
+        .map(|_| world.comm_create(&[0]).unwrap()[0])
+        .collect();
     let ids: Vec<_> = raws.iter().map(|&r| al.attach(r).unwrap()).collect();
     al.alloc(2 * MIB, 0).unwrap();
     assert_eq!(al.register(ids[0]).unwrap().windows, 1);

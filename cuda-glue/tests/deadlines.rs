@@ -17,7 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::ranks::{assert_exact, Ranks};
-use common::{assert_clean, MIB};
+use common::{assert_clean, park_register, MIB};
 use segment_registry_nccl::sim::{SimCall, SimOp, SimWorld};
 use segment_registry_nccl::{
     Allocator, AttachOptions, Backend, CommState, RegisterError, TestFaults, WindowError,
@@ -382,6 +382,45 @@ fn a_free_whose_deregistration_reaches_its_deadline_drops_the_window_and_frees()
     );
     assert_eq!(s.comms[0].stuck, 0, "nothing left to retry");
     al.detach(id).unwrap();
+    assert_exact(0, &al);
+    assert_clean(&world);
+}
+
+/// A free made while a pass's registration is in flight leaves its
+/// deregistration to the pass's thread; when that deregistration reaches
+/// its deadline the comm is aborted, the pass makes no further
+/// registration and answers `Aborted` (the comm is gone), not a failed
+/// registration.
+#[test]
+fn a_pass_whose_comm_a_queued_deregistration_aborted_answers_aborted() {
+    let world = SimWorld::new(1);
+    let raw = world.comm_create_nonblocking(&[0]).unwrap()[0];
+    let al = Allocator::new(world.rank(0).unwrap());
+    let id = al
+        .attach_with(raw, AttachOptions::new().owned().deadline(DEADLINE))
+        .unwrap();
+    let a = al.alloc(2 * MIB, 0).unwrap();
+    assert_eq!(al.register(id).unwrap().windows, 1);
+    let b = al.alloc(2 * MIB, 0).unwrap();
+    al.alloc(2 * MIB, 0).unwrap();
+    let park = park_register(&world, 0, b);
+    thread::scope(|s| {
+        let _unpark = park.unpark_on_panic();
+        let pass = s.spawn(|| al.register(id));
+        park.entered();
+        al.free(a).unwrap();
+        assert_eq!(al.stats().comms[0].queued, 1, "left to the pass");
+        world.stall_next(raw, SimOp::Deregister).unwrap();
+        park.release();
+        let e = pass.join().unwrap().unwrap_err();
+        assert!(matches!(e, RegisterError::Aborted { .. }), "{e:?}");
+    });
+    world.set_hook(None);
+    let registers = world.stats().registers;
+    assert_eq!(registers, 2, "a's and b's; none after the abort");
+    assert_eq!(al.stats().comms[0].state, CommState::Aborted);
+    al.detach(id).unwrap();
+    al.free_all();
     assert_exact(0, &al);
     assert_clean(&world);
 }

@@ -230,8 +230,16 @@ impl<B: Backend> Allocator<B> {
                     waited,
                 }
             }
-            RegPassError::Callback { .. } if entry.state() == ABORTED => {
-                bump(&self.counters.register_failures);
+            // A call that reached its deadline aborted the comm during the
+            // pass (a deregistration the pass ran for a free, or a free's
+            // own): the registry forgot the comm, and a registration after
+            // the abort was refused. The comm is gone, not unknown.
+            RegPassError::Callback { .. } | RegPassError::Forgotten(_)
+                if entry.state() == ABORTED =>
+            {
+                if matches!(error, RegPassError::Callback { .. }) {
+                    bump(&self.counters.register_failures);
+                }
                 self.aborted_error(entry)
             }
             RegPassError::Callback { segment, error } => {
