@@ -221,3 +221,189 @@ fn the_c_abi_initializes_on_the_real_backend() {
     segreg_free(p, 2 * MIB, 0, std::ptr::null_mut());
     assert_eq!(fake.outstanding(), (0, 0));
 }
+
+/// An NCCL older than 2.28 is refused by name; 2.28.0 itself is accepted.
+#[test]
+fn an_nccl_older_than_2_28_is_refused() {
+    if !fake::in_child("an_nccl_older_than_2_28_is_refused") {
+        return;
+    }
+    std::env::set_var("FAKE_NCCL_VERSION", "22799");
+    let e = RealBackend::new().unwrap_err();
+    assert_eq!(
+        e,
+        BackendError::NcclTooOld {
+            found: 22799,
+            required: 22800
+        }
+    );
+    std::env::set_var("FAKE_NCCL_VERSION", "22800");
+    let b = RealBackend::new().expect("2.28.0 is new enough");
+    assert_eq!(b.nccl_version(), 22800);
+    assert_eq!(format!("{b:?}"), "RealBackend { nccl_version: 22800, .. }");
+}
+
+/// NCCL's errors come back typed, with the call, the code, NCCL's words
+/// for the code and, for a call on a comm, `ncclGetLastError`'s detail:
+/// a comm init that fails (blocking and non-blocking), and a registration
+/// on a comm after its abort (blocking and non-blocking).
+#[test]
+fn nccl_errors_come_back_with_the_call_the_code_and_nccl_s_words() {
+    if !fake::in_child("nccl_errors_come_back_with_the_call_the_code_and_nccl_s_words") {
+        return;
+    }
+    const SYSTEM_ERROR: i32 = 2;
+    let b = RealBackend::new().expect("the real backend on the fake library");
+    let fake = fake::Controls::load();
+    fake.fail_next_init(SYSTEM_ERROR);
+    assert_eq!(
+        b.comm_init_one_rank_nonblocking(0, &Wait::unbounded()),
+        Err(BackendError::Nccl {
+            call: "ncclCommInitRankConfig",
+            code: SYSTEM_ERROR,
+            message: "fake: system error (a peer did not come)".into(),
+        })
+    );
+    fake.fail_next_init(SYSTEM_ERROR);
+    assert!(matches!(
+        b.comm_init_one_rank(0),
+        Err(BackendError::Nccl {
+            call: "ncclCommInitRank",
+            code: SYSTEM_ERROR,
+            ..
+        })
+    ));
+
+    let p = b.mem_alloc(2 * MIB, 0).unwrap();
+    let blocking = b.comm_init_one_rank(0).expect("ncclCommInitRank");
+    assert!(!blocking.is_null());
+    let nonblocking = b
+        .comm_init_one_rank_nonblocking(0, &Wait::unbounded())
+        .unwrap();
+    for comm in [blocking, nonblocking] {
+        let w = b
+            .comm_window_register(comm, p, 2 * MIB, NCCL_WIN_COLL_SYMMETRIC)
+            .unwrap()
+            .expect("a window");
+        b.comm_window_deregister(comm, w).unwrap();
+        b.comm_abort(comm).unwrap();
+        let e = b
+            .comm_window_register(comm, p, 2 * MIB, NCCL_WIN_COLL_SYMMETRIC)
+            .unwrap_err();
+        assert_eq!(
+            e,
+            BackendError::Nccl {
+                call: "ncclCommCuDevice",
+                code: 5,
+                message: "fake: invalid usage (ranks disagree): call on a comm after ncclCommAbort"
+                    .into(),
+            }
+        );
+    }
+
+    // A registration NCCL fails (a stalled collective on a blocking comm,
+    // released with an error): an error, not a registration without a
+    // window.
+    let comm = b.comm_init_one_rank(0).unwrap();
+    fake.stall_next();
+    thread::scope(|s| {
+        s.spawn(|| {
+            thread::sleep(Duration::from_millis(50));
+            fake.release_stalls();
+        });
+        let e = b
+            .comm_window_register(comm, p, 2 * MIB, NCCL_WIN_COLL_SYMMETRIC)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BackendError::Nccl {
+                    call: "ncclCommWindowRegister",
+                    code: SYSTEM_ERROR,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    });
+    // SAFETY: made by this test, used by nobody else.
+    unsafe { b.comm_destroy(comm) }.unwrap();
+    b.mem_free(p).unwrap();
+    assert_eq!(fake.outstanding(), (0, 0));
+}
+
+/// The agreement's all-reduce refuses what it cannot do (no words, more
+/// than its buffer holds, a comm not set up), gives up at the deadline on
+/// a stream that never finishes, and its teardown frees the buffer and
+/// the stream its setup made.
+#[test]
+fn the_agreement_all_reduce_refuses_bad_input_and_frees_what_it_made() {
+    if !fake::in_child("the_agreement_all_reduce_refuses_bad_input_and_frees_what_it_made") {
+        return;
+    }
+    use segment_registry_nccl::MAX_AGREEMENT_WORDS;
+    let b = RealBackend::new().expect("the real backend on the fake library");
+    let fake = fake::Controls::load();
+    let comm = b.comm_init_one_rank(0).unwrap();
+    let wait = Wait::unbounded();
+    let invalid = |e: BackendError| {
+        matches!(
+            e,
+            BackendError::InvalidArgument {
+                call: "ncclAllReduce",
+                ..
+            }
+        )
+    };
+    let mut full = [1u64; MAX_AGREEMENT_WORDS];
+    assert!(
+        invalid(b.all_reduce_max_u64(comm, &mut full, &wait).unwrap_err()),
+        "not set up"
+    );
+    let before = fake.cuda_outstanding();
+    b.all_reduce_setup(comm).unwrap();
+    assert_eq!(fake.cuda_outstanding(), (before.0 + 1, before.1 + 1));
+    assert!(invalid(
+        b.all_reduce_max_u64(comm, &mut [], &wait).unwrap_err()
+    ));
+    let mut over = [1u64; MAX_AGREEMENT_WORDS + 1];
+    assert!(invalid(
+        b.all_reduce_max_u64(comm, &mut over, &wait).unwrap_err()
+    ));
+    b.all_reduce_max_u64(comm, &mut full, &wait)
+        .expect("as many words as the buffer holds");
+    assert_eq!(full, [1; MAX_AGREEMENT_WORDS]);
+
+    fake.stream_busy(i32::MAX);
+    let e = b
+        .all_reduce_max_u64(
+            comm,
+            &mut full,
+            &Wait::give_up_after(Duration::from_millis(50)),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            BackendError::Timeout {
+                call: "ncclAllReduce",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    fake.stream_busy(0);
+
+    b.all_reduce_teardown(comm);
+    assert_eq!(
+        fake.cuda_outstanding(),
+        before,
+        "the stream and the buffer are freed"
+    );
+    assert!(
+        invalid(b.all_reduce_max_u64(comm, &mut full, &wait).unwrap_err()),
+        "torn down"
+    );
+    // SAFETY: made by this test, used by nobody else.
+    unsafe { b.comm_destroy(comm) }.unwrap();
+}

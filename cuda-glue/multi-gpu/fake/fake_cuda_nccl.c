@@ -117,12 +117,24 @@ CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
     return 0;
 }
 typedef void *CUstream;
+/* Streams and cuMemAlloc buffers not destroyed or freed yet. */
+static size_t live_streams, live_buffers;
 CUresult cuStreamCreate(CUstream *s, unsigned flags) {
     (void)flags;
     *s = malloc(1);
-    return *s ? 0 : 2; /* out of memory */
+    if (!*s) return 2; /* out of memory */
+    pthread_mutex_lock(&mu);
+    live_streams++;
+    pthread_mutex_unlock(&mu);
+    return 0;
 }
-CUresult cuStreamDestroy_v2(CUstream s) { free(s); return 0; }
+CUresult cuStreamDestroy_v2(CUstream s) {
+    free(s);
+    pthread_mutex_lock(&mu);
+    live_streams--;
+    pthread_mutex_unlock(&mu);
+    return 0;
+}
 /* Polls of cuStreamQuery still to answer CUDA_ERROR_NOT_READY (set by
  * fake_nccl_stream_busy): a stream whose work has not finished. */
 static int stream_busy_polls;
@@ -138,9 +150,18 @@ CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
     void *m = calloc(1, n ? n : 1);
     if (!m) return 2;
     *p = (CUdeviceptr)(uintptr_t)m;
+    pthread_mutex_lock(&mu);
+    live_buffers++;
+    pthread_mutex_unlock(&mu);
     return 0;
 }
-CUresult cuMemFree_v2(CUdeviceptr p) { free((void *)(uintptr_t)p); return 0; }
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    free((void *)(uintptr_t)p);
+    pthread_mutex_lock(&mu);
+    live_buffers--;
+    pthread_mutex_unlock(&mu);
+    return 0;
+}
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstream s) {
     (void)s;
     memcpy((void *)(uintptr_t)dst, src, n);
@@ -193,7 +214,12 @@ static const char *dir(void) {
     return d && *d ? d : "/tmp";
 }
 
-int ncclGetVersion(int *v) { *v = 22809; return 0; }
+/* 2.28.9, or FAKE_NCCL_VERSION (to test the version check). */
+int ncclGetVersion(int *v) {
+    const char *e = getenv("FAKE_NCCL_VERSION");
+    *v = e && *e ? atoi(e) : 22809;
+    return 0;
+}
 const char *ncclGetErrorString(int rc) {
     switch (rc) {
     case 0: return "no error";
@@ -351,7 +377,15 @@ static int wants_nonblocking(const void *config) {
     return cfg && cfg->magic == 0xcafebeef && cfg->blocking == 0;
 }
 
+/* The code the next comm init fails with (fake_nccl_fail_next_init), or 0. */
+static int fail_next_init;
+
 int ncclCommInitRank(fake_comm **out, int nranks, ncclUniqueId id, int rank) {
+    pthread_mutex_lock(&mu);
+    int fail = fail_next_init;
+    fail_next_init = 0;
+    pthread_mutex_unlock(&mu);
+    if (fail) return fail;
     if (nranks < 1 || rank < 0 || rank >= nranks || memcmp(id.internal, "FAKE", 4) != 0)
         return ncclInvalidArgument;
     fake_comm *c = calloc(1, sizeof *c);
@@ -769,4 +803,20 @@ int fake_nccl_stream_busy_left(void) {
     int n = stream_busy_polls;
     pthread_mutex_unlock(&mu);
     return n;
+}
+
+/* The next ncclCommInitRank or ncclCommInitRankConfig fails with `rc`. */
+void fake_nccl_fail_next_init(int rc) {
+    pthread_mutex_lock(&mu);
+    fail_next_init = rc;
+    pthread_mutex_unlock(&mu);
+}
+
+/* Streams made by cuStreamCreate and buffers by cuMemAlloc, not destroyed
+ * or freed yet. */
+void fake_cuda_outstanding(size_t *streams, size_t *buffers) {
+    pthread_mutex_lock(&mu);
+    *streams = live_streams;
+    *buffers = live_buffers;
+    pthread_mutex_unlock(&mu);
 }

@@ -161,6 +161,25 @@ impl Controls {
         unsafe { f() }
     }
 
+    /// The next comm init fails with NCCL error `rc`.
+    pub fn fail_next_init(&self, rc: c_int) {
+        // SAFETY: the control's C prototype is `void f(int)`.
+        let f = unsafe { self.lib.get::<SetCount>(b"fake_nccl_fail_next_init") }.unwrap();
+        // SAFETY: a plain value.
+        unsafe { f(rc) }
+    }
+
+    /// `(streams, buffers)` made by `cuStreamCreate` and `cuMemAlloc` and
+    /// not destroyed or freed.
+    pub fn cuda_outstanding(&self) -> (usize, usize) {
+        let (mut streams, mut buffers) = (0, 0);
+        // SAFETY: the control's C prototype is `void f(size_t *, size_t *)`.
+        let f = unsafe { self.lib.get::<Outstanding>(b"fake_cuda_outstanding") }.unwrap();
+        // SAFETY: two valid out-pointers.
+        unsafe { f(&mut streams, &mut buffers) };
+        (streams, buffers)
+    }
+
     /// `(bytes, blocks)` allocated by `ncclMemAlloc` and not freed.
     pub fn outstanding(&self) -> (usize, usize) {
         let (mut bytes, mut blocks) = (0, 0);
