@@ -407,3 +407,24 @@ fn the_agreement_all_reduce_refuses_bad_input_and_frees_what_it_made() {
     // SAFETY: made by this test, used by nobody else.
     unsafe { b.comm_destroy(comm) }.unwrap();
 }
+
+/// The figures the real backend passes on from the driver and NCCL: its
+/// name, NCCL's version (kept and re-read), the device count, and a
+/// device's free and total memory.
+#[test]
+fn the_real_backend_reports_what_the_driver_and_nccl_say() {
+    if !fake::in_child("the_real_backend_reports_what_the_driver_and_nccl_say") {
+        return;
+    }
+    std::env::remove_var("CUDA_VISIBLE_DEVICES");
+    std::env::set_var("FAKE_GPUS", "3");
+    let b = RealBackend::new().expect("the real backend on the fake library");
+    assert_eq!(b.name(), "nccl");
+    assert_eq!((b.nccl_version(), b.read_version()), (22809, Ok(22809)));
+    assert_eq!(b.device_count(), Ok(3));
+    let total = 80 << 30;
+    assert_eq!(b.mem_get_info(0), Ok((total, total)));
+    let p = b.mem_alloc(2 * MIB, 0).unwrap();
+    assert_eq!(b.mem_get_info(0), Ok((total - 2 * MIB, total)));
+    b.mem_free(p).unwrap();
+}
