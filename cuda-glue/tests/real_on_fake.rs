@@ -87,6 +87,7 @@ fn non_blocking_calls_poll_and_a_stalled_one_ends_by_an_abort_at_its_deadline() 
     b.all_reduce_teardown(child);
     b.comm_release(child, &Wait::unbounded())
         .expect("finalize + destroy");
+    assert_eq!(fake.comms_destroyed(), 1);
 
     let p = b.mem_alloc(2 * MIB, 0).unwrap();
     let q = b.mem_alloc(2 * MIB, 0).unwrap();
@@ -277,6 +278,15 @@ fn nccl_errors_come_back_with_the_call_the_code_and_nccl_s_words() {
     let p = b.mem_alloc(2 * MIB, 0).unwrap();
     let blocking = b.comm_init_one_rank(0).expect("ncclCommInitRank");
     assert!(!blocking.is_null());
+    for (ptr, size) in [(0, 2 * MIB), (p, 0)] {
+        assert!(matches!(
+            b.comm_window_register(blocking, ptr, size, NCCL_WIN_COLL_SYMMETRIC),
+            Err(BackendError::InvalidArgument {
+                call: "ncclCommWindowRegister",
+                ..
+            })
+        ));
+    }
     let nonblocking = b
         .comm_init_one_rank_nonblocking(0, &Wait::unbounded())
         .unwrap();
@@ -421,6 +431,7 @@ fn the_real_backend_reports_what_the_driver_and_nccl_say() {
     let b = RealBackend::new().expect("the real backend on the fake library");
     assert_eq!(b.name(), "nccl");
     assert_eq!((b.nccl_version(), b.read_version()), (22809, Ok(22809)));
+    assert_eq!(<RealBackend as Backend>::nccl_version(&b), 22809);
     assert_eq!(b.device_count(), Ok(3));
     let total = 80 << 30;
     assert_eq!(b.mem_get_info(0), Ok((total, total)));

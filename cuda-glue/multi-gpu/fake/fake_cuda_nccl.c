@@ -428,9 +428,15 @@ static void free_windows(fake_comm *c) {
     }
 }
 
+/* ncclCommDestroy calls that freed a comm. */
+static size_t comms_destroyed;
+
 int ncclCommDestroy(fake_comm *c) {
     int rc = check_live(c);
     if (rc) return rc;
+    pthread_mutex_lock(&mu);
+    comms_destroyed++;
+    pthread_mutex_unlock(&mu);
     while (c->first) {
         fake_window *w = c->first;
         c->first = w->next;
@@ -819,4 +825,12 @@ void fake_cuda_outstanding(size_t *streams, size_t *buffers) {
     *streams = live_streams;
     *buffers = live_buffers;
     pthread_mutex_unlock(&mu);
+}
+
+/* ncclCommDestroy calls that freed a comm, so far. */
+size_t fake_nccl_comms_destroyed(void) {
+    pthread_mutex_lock(&mu);
+    size_t n = comms_destroyed;
+    pthread_mutex_unlock(&mu);
+    return n;
 }

@@ -101,6 +101,7 @@ type Void = unsafe extern "C" fn();
 type WaitPaused = unsafe extern "C" fn(c_int) -> c_int;
 type SetCount = unsafe extern "C" fn(c_int);
 type Count = unsafe extern "C" fn() -> c_int;
+type Total = unsafe extern "C" fn() -> usize;
 type Outstanding = unsafe extern "C" fn(*mut usize, *mut usize);
 type AbortStats = unsafe extern "C" fn(*mut usize, *mut usize, *mut usize);
 
@@ -178,6 +179,14 @@ impl Controls {
         // SAFETY: two valid out-pointers.
         unsafe { f(&mut streams, &mut buffers) };
         (streams, buffers)
+    }
+
+    /// `ncclCommDestroy` calls that freed a comm, so far.
+    pub fn comms_destroyed(&self) -> usize {
+        // SAFETY: the control's C prototype is `size_t f(void)`.
+        let f = unsafe { self.lib.get::<Total>(b"fake_nccl_comms_destroyed") }.unwrap();
+        // SAFETY: no arguments; it only takes the fake's own lock.
+        unsafe { f() }
     }
 
     /// `(bytes, blocks)` allocated by `ncclMemAlloc` and not freed.
