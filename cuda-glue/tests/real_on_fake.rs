@@ -439,3 +439,94 @@ fn the_real_backend_reports_what_the_driver_and_nccl_say() {
     assert_eq!(b.mem_get_info(0), Ok((total - 2 * MIB, total)));
     b.mem_free(p).unwrap();
 }
+
+/// Two ranks of one comm on two threads (the fake meets them through its
+/// files): the blocking and the non-blocking init, each rank's size and
+/// rank, a sum all-reduce; ranks out of range are refused before NCCL.
+#[test]
+fn two_ranks_join_a_comm_and_sum_across_it() {
+    if !fake::in_child("two_ranks_join_a_comm_and_sum_across_it") {
+        return;
+    }
+    let b = RealBackend::new().expect("the real backend on the fake library");
+    let id = b.unique_id().unwrap();
+    for (nranks, rank) in [(2, -1), (2, 2), (0, 0), (-1, -1)] {
+        for e in [
+            b.comm_init_rank(0, nranks, rank, &id).unwrap_err(),
+            b.comm_init_rank_nonblocking(0, nranks, rank, &id, &Wait::unbounded())
+                .unwrap_err(),
+        ] {
+            assert!(
+                matches!(e, BackendError::InvalidArgument { .. }),
+                "rank {rank} of {nranks}: {e}"
+            );
+        }
+    }
+    let blocking = b.unique_id().unwrap();
+    let nonblocking = b.unique_id().unwrap();
+    thread::scope(|s| {
+        let ranks: Vec<_> = (0..2)
+            .map(|r| {
+                let (b, blocking, nonblocking) = (&b, &blocking, &nonblocking);
+                s.spawn(move || {
+                    let c = b.comm_init_rank(0, 2, r, blocking).unwrap();
+                    let nb = b
+                        .comm_init_rank_nonblocking(0, 2, r, nonblocking, &Wait::unbounded())
+                        .unwrap();
+                    for comm in [c, nb] {
+                        // SAFETY: made just above by this thread.
+                        assert_eq!(unsafe { b.comm_rank_info(comm) }.unwrap(), (2, r));
+                    }
+                    let buf = b.mem_alloc(2 * MIB, 0).unwrap();
+                    let mine = [1.0f32 + r as f32, 10.0];
+                    // SAFETY: `buf` is 2 MiB of ncclMemAlloc memory on
+                    // device 0, the comm's device.
+                    unsafe {
+                        b.copy_to_device_f32(0, buf, &mine).unwrap();
+                        b.all_reduce_sum_f32(c, buf, buf, 2).unwrap();
+                        assert_eq!(b.copy_from_device_f32(0, buf, 2).unwrap(), [3.0, 20.0]);
+                    }
+                    b.mem_free(buf).unwrap();
+                    for comm in [c, nb] {
+                        // SAFETY: ours, used by nobody else any more.
+                        unsafe { b.comm_destroy(comm) }.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for r in ranks {
+            r.join().unwrap();
+        }
+    });
+}
+
+/// Each call runs on its device's primary context and leaves the calling
+/// thread's current context as it was: none, or the device the
+/// application bound.
+#[test]
+fn calls_run_on_their_device_and_leave_the_thread_s_context_as_it_was() {
+    if !fake::in_child("calls_run_on_their_device_and_leave_the_thread_s_context_as_it_was") {
+        return;
+    }
+    std::env::remove_var("CUDA_VISIBLE_DEVICES");
+    std::env::set_var("FAKE_GPUS", "2");
+    let b = RealBackend::new().expect("the real backend on the fake library");
+    let fake = fake::Controls::load();
+    assert_eq!(fake.current_context(), 0, "none bound");
+    let on0 = b.comm_init_one_rank(0).unwrap();
+    assert_eq!(fake.comm_device(on0), 0);
+    assert_eq!(fake.current_context(), 0, "still none");
+    let _bound = b.bind_device(1).unwrap();
+    let ctx1 = fake.current_context();
+    assert_ne!(ctx1, 0);
+    let again0 = b.comm_init_one_rank(0).unwrap();
+    assert_eq!(fake.comm_device(again0), 0, "made on device 0");
+    assert_eq!(fake.current_context(), ctx1, "device 1's context again");
+    let on1 = b.comm_init_one_rank(1).unwrap();
+    assert_eq!(fake.comm_device(on1), 1);
+    assert_eq!(fake.current_context(), ctx1);
+    for c in [on0, again0, on1] {
+        // SAFETY: made by this test, used by nobody else.
+        unsafe { b.comm_destroy(c) }.unwrap();
+    }
+}

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use libloading::Library;
+use segment_registry_nccl::RawComm;
 
 /// Set in the child: the folder that holds the fake.
 const CHILD_ENV: &str = "SEGREG_FAKE_NCCL_DIR";
@@ -102,6 +103,8 @@ type WaitPaused = unsafe extern "C" fn(c_int) -> c_int;
 type SetCount = unsafe extern "C" fn(c_int);
 type Count = unsafe extern "C" fn() -> c_int;
 type Total = unsafe extern "C" fn() -> usize;
+type GetHandle = unsafe extern "C" fn(*mut usize) -> c_int;
+type CommDevice = unsafe extern "C" fn(usize, *mut c_int) -> c_int;
 type Outstanding = unsafe extern "C" fn(*mut usize, *mut usize);
 type AbortStats = unsafe extern "C" fn(*mut usize, *mut usize, *mut usize);
 
@@ -187,6 +190,26 @@ impl Controls {
         let f = unsafe { self.lib.get::<Total>(b"fake_nccl_comms_destroyed") }.unwrap();
         // SAFETY: no arguments; it only takes the fake's own lock.
         unsafe { f() }
+    }
+
+    /// The calling thread's current context (`cuCtxGetCurrent`; 0: none).
+    pub fn current_context(&self) -> usize {
+        let mut ctx: usize = 0;
+        // SAFETY: the fake's prototype is `CUresult f(CUcontext *)`.
+        let f = unsafe { self.lib.get::<GetHandle>(b"cuCtxGetCurrent") }.unwrap();
+        // SAFETY: a valid out-pointer of a pointer's size.
+        assert_eq!(unsafe { f(&mut ctx) }, 0);
+        ctx
+    }
+
+    /// The device a comm was made on (`ncclCommCuDevice`).
+    pub fn comm_device(&self, comm: RawComm) -> c_int {
+        let mut device = -1;
+        // SAFETY: the fake's prototype is `int f(const fake_comm *, int *)`.
+        let f = unsafe { self.lib.get::<CommDevice>(b"ncclCommCuDevice") }.unwrap();
+        // SAFETY: a live comm of the fake and a valid out-pointer.
+        assert_eq!(unsafe { f(comm.0, &mut device) }, 0);
+        device
     }
 
     /// `(bytes, blocks)` allocated by `ncclMemAlloc` and not freed.
