@@ -442,7 +442,8 @@ fn the_real_backend_reports_what_the_driver_and_nccl_say() {
 
 /// Two ranks of one comm on two threads (the fake meets them through its
 /// files): the blocking and the non-blocking init, each rank's size and
-/// rank, a sum all-reduce; ranks out of range are refused before NCCL.
+/// rank, a sum all-reduce; one rank alone; ranks out of range are refused
+/// before NCCL.
 #[test]
 fn two_ranks_join_a_comm_and_sum_across_it() {
     if !fake::in_child("two_ranks_join_a_comm_and_sum_across_it") {
@@ -461,6 +462,14 @@ fn two_ranks_join_a_comm_and_sum_across_it() {
                 "rank {rank} of {nranks}: {e}"
             );
         }
+    }
+    let one = b.comm_init_rank(0, 1, 0, &b.unique_id().unwrap()).unwrap();
+    let one_nb = b
+        .comm_init_rank_nonblocking(0, 1, 0, &b.unique_id().unwrap(), &Wait::unbounded())
+        .unwrap();
+    for c in [one, one_nb] {
+        // SAFETY: made just above, used by nobody else.
+        unsafe { b.comm_destroy(c) }.unwrap();
     }
     let blocking = b.unique_id().unwrap();
     let nonblocking = b.unique_id().unwrap();
