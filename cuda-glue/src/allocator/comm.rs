@@ -217,3 +217,30 @@ impl<B: Backend> Allocator<B> {
         read(&self.comms).get(&comm).cloned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> CommEntry {
+        CommEntry::new(CommId(1), RawComm(0x10), AttachOptions::new(), None)
+    }
+
+    /// A comm is marked aborted once, with the first reason; a detached
+    /// one never (its handle may belong to a new comm by then).
+    #[test]
+    fn a_comm_is_marked_aborted_once_and_never_after_its_detach() {
+        let e = entry();
+        assert_eq!(e.public_state(), CommState::Active);
+        assert!(e.set_aborted("first".into()));
+        assert!(!e.set_aborted("second".into()), "once");
+        assert_eq!(lock(&e.failure).as_deref(), Some("first"));
+        assert_eq!(e.public_state(), CommState::Aborted);
+
+        let d = entry();
+        // SeqCst: as the entry's own transitions.
+        d.state.store(DETACHED, Ordering::SeqCst);
+        assert!(!d.set_aborted("late".into()));
+        assert_eq!(lock(&d.failure).as_deref(), None);
+    }
+}

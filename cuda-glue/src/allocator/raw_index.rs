@@ -155,3 +155,31 @@ impl RawIndex {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(index: &RawIndex, raw: usize) -> Option<u64> {
+        match index.find(RawComm(raw)) {
+            RawLookup::Found(id) => Some(id.0),
+            RawLookup::Absent => None,
+            RawLookup::Spilled => panic!("nothing spilled"),
+        }
+    }
+
+    /// A removal takes out the slot of that handle *and* id: a comm
+    /// attached at the same address keeps its own.
+    #[test]
+    fn a_removal_takes_out_only_its_own_handle_and_id() {
+        let index = RawIndex::new();
+        index.insert(RawComm(0x10), CommId(1));
+        index.insert(RawComm(0x10), CommId(2));
+        index.insert(RawComm(0x20), CommId(3));
+        index.remove(RawComm(0x10), CommId(2));
+        assert_eq!(found(&index, 0x10), Some(1));
+        assert_eq!(found(&index, 0x20), Some(3));
+        index.remove(RawComm(0x10), CommId(1));
+        assert_eq!(found(&index, 0x10), None);
+    }
+}
