@@ -215,3 +215,20 @@ fn handles_waits_and_allocators_print_what_a_log_needs() {
     let printed: Vec<String> = owners.iter().map(|o| format!("{o:?}")).collect();
     assert_eq!(printed, ["Borrowed", "BorrowedNonBlocking(hook)", "Owned"]);
 }
+
+/// A simulated rank knows its number and prints it, and refuses to set up
+/// an agreement on a comm it does not know.
+#[test]
+fn a_simulated_rank_names_itself_and_refuses_unknown_comms() {
+    let world = SimWorld::new(2);
+    let (r0, r1) = (world.rank(0).unwrap(), world.rank(1).unwrap());
+    assert_eq!((r0.rank_id(), r1.rank_id()), (0, 1));
+    assert_eq!(format!("{r1:?}"), "SimBackend { rank: 1, .. }");
+    assert!(matches!(
+        r0.all_reduce_setup(RawComm(0xdead_0000)),
+        Err(BackendError::SimRejected {
+            call: "ncclAllReduce",
+            ..
+        })
+    ));
+}
