@@ -43,7 +43,7 @@ fn ranks_have_distinct_address_spaces_and_freed_ranges_are_reused() {
     let (b0, b1) = (w.rank(0).unwrap(), w.rank(1).unwrap());
     let p0 = b0.mem_alloc(3 * MIB, 0).unwrap();
     let p1 = b1.mem_alloc(3 * MIB, 0).unwrap();
-    assert_ne!(p0, p1);
+    assert!(p1 > p0, "rank 1's space lies above rank 0's");
     assert_eq!(p0 % (2 * MIB), 0);
     let q0 = b0.mem_alloc(MIB, 0).unwrap();
     assert_eq!(q0, p0 + 4 * MIB, "3 MiB rounds up to two 2 MiB granules");
@@ -54,6 +54,21 @@ fn ranks_have_distinct_address_spaces_and_freed_ranges_are_reused() {
         "first fit reuses the freed range"
     );
     assert!(w.rank(2).is_none());
+}
+
+/// A rank's simulated memory holds 64 GiB: all of it in one allocation,
+/// and then nothing more.
+#[test]
+fn a_rank_can_allocate_its_whole_memory_and_then_no_more() {
+    let w = SimWorld::new(1);
+    let b = w.rank(0).unwrap();
+    let all = b.mem_alloc(64 << 30, 0).expect("the whole capacity at once");
+    let e = b.mem_alloc(2 * MIB, 0).unwrap_err();
+    assert!(e.to_string().contains("out of memory"), "{e}");
+    assert!(b.mem_alloc((64 << 30) + 1, 0).is_err(), "more than the capacity");
+    b.mem_free(all).unwrap();
+    b.mem_free(b.mem_alloc(2 * MIB, 0).unwrap()).unwrap();
+    assert!(w.verify().is_empty(), "{:?}", w.verify());
 }
 
 #[test]
