@@ -289,3 +289,43 @@ fn nccl_2_30_accepts_different_sizes_in_one_registration() {
     b1.comm_window_deregister(c[1], w1.unwrap()).unwrap();
     assert!(world.verify().is_empty(), "{:?}", world.verify());
 }
+
+/// A blocking comm's all-reduce is not polled: a peer that never comes
+/// keeps it waiting past any deadline, until the test releases it.
+#[test]
+fn a_blocking_all_reduce_waits_past_its_deadline_for_a_peer() {
+    let world = SimWorld::new(2);
+    let comm = world.comm_create(&[0, 1]).unwrap();
+    let b0 = world.rank(0).unwrap();
+    b0.all_reduce_setup(comm[0]).unwrap();
+    let t = thread::spawn(move || {
+        let wait = Wait::give_up_after(Duration::from_millis(5));
+        b0.all_reduce_max_u64(comm[0], &mut [1], &wait)
+    });
+    thread::sleep(SHORT);
+    assert!(!t.is_finished(), "a blocking call ended at its deadline");
+    world.release_all();
+    let r = t.join().unwrap();
+    assert!(matches!(r, Err(BackendError::SimRejected { .. })), "{r:?}");
+}
+
+/// The simulated all-reduce takes 1 to 16 words, as the real one's buffer.
+#[test]
+fn the_simulated_all_reduce_takes_one_to_sixteen_words() {
+    use segment_registry_nccl::MAX_AGREEMENT_WORDS;
+    let world = SimWorld::new(1);
+    let comm = world.comm_create(&[0]).unwrap()[0];
+    let b = world.rank(0).unwrap();
+    b.all_reduce_setup(comm).unwrap();
+    let wait = Wait::unbounded();
+    let mut full = [4u64; MAX_AGREEMENT_WORDS];
+    b.all_reduce_max_u64(comm, &mut full, &wait).unwrap();
+    assert_eq!(full, [4; MAX_AGREEMENT_WORDS]);
+    let mut over = [4u64; MAX_AGREEMENT_WORDS + 1];
+    for words in [&mut [][..], &mut over[..]] {
+        assert!(matches!(
+            b.all_reduce_max_u64(comm, words, &wait),
+            Err(BackendError::InvalidArgument { .. })
+        ));
+    }
+}

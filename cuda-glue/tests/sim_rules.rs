@@ -62,10 +62,15 @@ fn ranks_have_distinct_address_spaces_and_freed_ranges_are_reused() {
 fn a_rank_can_allocate_its_whole_memory_and_then_no_more() {
     let w = SimWorld::new(1);
     let b = w.rank(0).unwrap();
-    let all = b.mem_alloc(64 << 30, 0).expect("the whole capacity at once");
+    let all = b
+        .mem_alloc(64 << 30, 0)
+        .expect("the whole capacity at once");
     let e = b.mem_alloc(2 * MIB, 0).unwrap_err();
     assert!(e.to_string().contains("out of memory"), "{e}");
-    assert!(b.mem_alloc((64 << 30) + 1, 0).is_err(), "more than the capacity");
+    assert!(
+        b.mem_alloc((64 << 30) + 1, 0).is_err(),
+        "more than the capacity"
+    );
     b.mem_free(all).unwrap();
     b.mem_free(b.mem_alloc(2 * MIB, 0).unwrap()).unwrap();
     assert!(w.verify().is_empty(), "{:?}", w.verify());
@@ -500,4 +505,43 @@ fn bad_comm_creation_is_refused() {
     assert!(w.comm_create(&[]).is_err());
     assert!(w.comm_create(&[0, 0]).is_err());
     assert!(w.comm_create(&[2]).is_err());
+}
+
+/// Freeing memory right next to a registration in flight (just below it,
+/// or just above) is no violation: only a free that overlaps it is.
+#[test]
+fn a_free_next_to_a_registration_in_flight_is_no_violation() {
+    for register_low in [true, false] {
+        let w = SimWorld::new(1);
+        let c = w.comm_create(&[0]).unwrap()[0];
+        let b = w.rank(0).unwrap();
+        let low = b.mem_alloc(2 * MIB, 0).unwrap();
+        let high = b.mem_alloc(2 * MIB, 0).unwrap();
+        assert_eq!(high, low + 2 * MIB, "adjacent");
+        let (registered, freed) = if register_low {
+            (low, high)
+        } else {
+            (high, low)
+        };
+        let (entered, release) = (Arc::new(Barrier::new(2)), Arc::new(Barrier::new(2)));
+        let (e, r) = (entered.clone(), release.clone());
+        w.set_hook(Some(Arc::new(move |call: &SimCall| {
+            if call.op == SimOp::Register && call.ptr == registered {
+                e.wait();
+                r.wait();
+            }
+        })));
+        thread::scope(|s| {
+            let t = s.spawn(|| b.comm_window_register(c, registered, 2 * MIB, F));
+            entered.wait();
+            b.mem_free(freed).unwrap();
+            release.wait();
+            let window = t.join().unwrap().unwrap().expect("a window");
+            w.set_hook(None);
+            b.comm_window_deregister(c, window).unwrap();
+        });
+        b.mem_free(registered).unwrap();
+        w.comm_destroy(c).unwrap();
+        assert!(w.verify().is_empty(), "{:?}", w.verify());
+    }
 }
