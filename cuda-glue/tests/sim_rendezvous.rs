@@ -329,3 +329,40 @@ fn the_simulated_all_reduce_takes_one_to_sixteen_words() {
         ));
     }
 }
+
+/// A rank that left an all-reduce at its deadline never completes it: a
+/// peer that comes later waits to its own deadline instead of reducing
+/// with the input of a rank that gave up.
+#[test]
+fn a_meeting_a_rank_left_at_its_deadline_never_completes() {
+    let world = SimWorld::new(2);
+    let comm = world.comm_create_nonblocking(&[0, 1]).unwrap();
+    let (b0, b1) = (world.rank(0).unwrap(), world.rank(1).unwrap());
+    b0.all_reduce_setup(comm[0]).unwrap();
+    b1.all_reduce_setup(comm[1]).unwrap();
+    let early = Wait::give_up_after(Duration::from_millis(5));
+    let r0 = b0.all_reduce_max_u64(comm[0], &mut [1], &early);
+    assert!(matches!(r0, Err(BackendError::Timeout { .. })), "{r0:?}");
+    let r1 = b1.all_reduce_max_u64(comm[1], &mut [2], &Wait::give_up_after(SHORT));
+    assert!(matches!(r1, Err(BackendError::Timeout { .. })), "{r1:?}");
+    assert_eq!(world.stats().all_reduces, 0);
+}
+
+/// A completed meeting is dropped once every member took its share: the
+/// simulator's memory stays flat over many collectives.
+#[test]
+fn completed_meetings_are_dropped_once_every_member_took_its_share() {
+    let world = SimWorld::new(2);
+    let comm = world.comm_create_nonblocking(&[0, 1]).unwrap();
+    on_ranks(&world, move |r, b| {
+        b.all_reduce_setup(comm[r]).unwrap();
+        for i in 0..10u64 {
+            let mut w = [i + r as u64];
+            b.all_reduce_max_u64(comm[r], &mut w, &Wait::unbounded())
+                .unwrap();
+            assert_eq!(w, [i + 1]);
+        }
+    });
+    let s = world.stats();
+    assert_eq!((s.all_reduces, s.open_meetings), (10, 0));
+}

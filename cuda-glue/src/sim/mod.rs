@@ -95,6 +95,9 @@ pub struct SimStats {
     pub aborts: u64,
     /// All-reduces completed (each counted once, for all members).
     pub all_reduces: u64,
+    /// Collective meetings (all-reduces, splits) joined and not yet taken
+    /// by every member: the simulator's own memory, flat over a long run.
+    pub open_meetings: usize,
 }
 
 /// A simulated job of several ranks. Share it in an [`Arc`].

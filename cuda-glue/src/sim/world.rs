@@ -315,6 +315,7 @@ impl WorldState {
         s.live_allocs = self.ranks.iter().map(|r| r.allocs.len()).sum();
         s.live_windows = self.windows.len();
         s.live_comms = self.comms.len();
+        s.open_meetings = self.comms.values().map(|c| c.meetings.len()).sum();
         s
     }
 
