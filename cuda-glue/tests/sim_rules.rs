@@ -545,3 +545,22 @@ fn a_free_next_to_a_registration_in_flight_is_no_violation() {
         assert!(w.verify().is_empty(), "{:?}", w.verify());
     }
 }
+
+/// A registration of zero bytes is refused (it holds no memory of an
+/// allocation), and every register call counts, refused ones included.
+#[test]
+fn a_zero_byte_registration_is_refused_and_every_call_counts() {
+    let w = SimWorld::new(1);
+    let c = w.comm_create(&[0]).unwrap()[0];
+    let b = w.rank(0).unwrap();
+    let p = b.mem_alloc(2 * MIB, 0).unwrap();
+    assert!(matches!(
+        b.comm_window_register(c, p, 0, F),
+        Err(BackendError::SimRejected { .. })
+    ));
+    let win = b.comm_window_register(c, p, 2 * MIB, F).unwrap().unwrap();
+    assert_eq!(w.stats().registers, 2);
+    b.comm_window_deregister(c, win).unwrap();
+    b.mem_free(p).unwrap();
+    w.comm_destroy(c).unwrap();
+}
