@@ -547,7 +547,8 @@ fn a_free_next_to_a_registration_in_flight_is_no_violation() {
 }
 
 /// A registration of zero bytes is refused (it holds no memory of an
-/// allocation), and every register call counts, refused ones included.
+/// allocation), and every register and deregister call counts, refused
+/// ones included.
 #[test]
 fn a_zero_byte_registration_is_refused_and_every_call_counts() {
     let w = SimWorld::new(1);
@@ -561,6 +562,7 @@ fn a_zero_byte_registration_is_refused_and_every_call_counts() {
     let win = b.comm_window_register(c, p, 2 * MIB, F).unwrap().unwrap();
     assert_eq!(w.stats().registers, 2);
     b.comm_window_deregister(c, win).unwrap();
+    assert_eq!(w.stats().deregisters, 1);
     b.mem_free(p).unwrap();
     w.comm_destroy(c).unwrap();
 }
