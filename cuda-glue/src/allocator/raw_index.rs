@@ -1,6 +1,11 @@
 //! Raw `ncclComm_t` handle → comm id, readable without a lock, for
 //! [`Allocator::window_of_raw`](super::Allocator::window_of_raw).
 
+// Under loom the seqlock's atomics are loom's, for the model at the end of
+// this file; the writers' mutex stays std (the model has one writer).
+#[cfg(feature = "loom")]
+use loom::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+#[cfg(not(feature = "loom"))]
 use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -156,7 +161,7 @@ impl RawIndex {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(feature = "loom")))]
 mod tests {
     use super::*;
 
@@ -181,5 +186,42 @@ mod tests {
         assert_eq!(found(&index, 0x20), Some(3));
         index.remove(RawComm(0x10), CommId(1));
         assert_eq!(found(&index, 0x10), None);
+    }
+}
+
+/// The seqlock under loom: a reader racing a writer that reuses a slot
+/// never sees the new handle with the old id (or the old with the new).
+#[cfg(all(test, feature = "loom"))]
+mod loom_model {
+    use loom::sync::Arc;
+
+    use super::*;
+
+    fn id_of(index: &RawIndex, raw: usize) -> Option<u64> {
+        match index.find(RawComm(raw)) {
+            RawLookup::Found(id) => Some(id.0),
+            RawLookup::Absent => None,
+            RawLookup::Spilled => panic!("nothing spilled"),
+        }
+    }
+
+    #[test]
+    fn a_reader_never_sees_a_torn_handle_and_id() {
+        loom::model(|| {
+            let index = Arc::new(RawIndex::new());
+            index.insert(RawComm(0x10), CommId(1));
+            let writer = index.clone();
+            // Detach comm 1, then attach comm 2 in the slot it freed.
+            let t = loom::thread::spawn(move || {
+                writer.remove(RawComm(0x10), CommId(1));
+                writer.insert(RawComm(0x20), CommId(2));
+            });
+            let new = id_of(&index, 0x20);
+            assert!(new.is_none() || new == Some(2), "{new:?}");
+            let old = id_of(&index, 0x10);
+            assert!(old.is_none() || old == Some(1), "{old:?}");
+            t.join().unwrap();
+            assert_eq!(id_of(&index, 0x20), Some(2));
+        });
     }
 }
