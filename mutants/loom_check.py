@@ -1,10 +1,11 @@
 """Mutation checks under loom, by hand.
 
 Each survivor of the plain suites that lies in loom-only code (the model
-reclaimer of ``registry/src/sync.rs``) or behind a fault switch
-(``registry/src/faults.rs``, taken only by the loom controls and races) is
-applied to the tree, the loom model that should catch it runs, and the file
-is restored (also on failure). cargo-mutants cannot judge these: its builds
+reclaimer of ``registry/src/sync.rs``), behind a fault switch
+(``registry/src/faults.rs``, taken only by the loom controls and races) or
+in a seqlock only a race can tear (the glue's raw-handle index) is applied
+to the tree, the loom model that should catch it runs, and the file is
+restored (also on failure). cargo-mutants cannot judge these: its builds
 have no ``loom`` feature.
 
 Usage: ``python3 mutants/loom_check.py`` (from anywhere). Prints one line per
@@ -19,7 +20,14 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
+#: The registry's models, and the glue's own (its library's loom tests).
+REGISTRY = ["-p", "segment-registry-loom", "--test", "models"]
+GLUE = ["-p", "segment-registry-nccl", "--lib"]
+RAW_INDEX = "cuda-glue/src/allocator/raw_index.rs"
+SEQLOCK_MODEL = "raw_index::loom_model::a_reader_never_sees_a_torn_handle_and_id"
+
 #: (mutant as cargo-mutants names it, file, text, its mutation, loom model)
+#: for the registry's models; the glue's cases follow.
 CASES: list[tuple[str, str, str, str, str]] = [
     ("registry/src/faults.rs: replace Switches::free_without_defer -> bool with false",
      "registry/src/faults.rs", "        return self.0.free_without_defer;", "        return false;",
@@ -52,8 +60,24 @@ CASES: list[tuple[str, str, str, str, str]] = [
 ]
 
 
-def check(name: str, path: str, old: str, new: str, model: str) -> bool:
-    """Applies one mutation, runs ``model`` under loom, restores; ``True`` if caught."""
+#: (mutant, file, text, its mutation, loom model) judged by the glue's models.
+GLUE_CASES: list[tuple[str, str, str, str, str]] = [
+    ("cuda-glue/src/allocator/raw_index.rs: replace + with * in RawIndex::write (s + 1)",
+     RAW_INDEX, "slot.seq.store(s + 1, Ordering::Relaxed);",
+     "slot.seq.store(s * 1, Ordering::Relaxed);", SEQLOCK_MODEL),
+    ("cuda-glue/src/allocator/raw_index.rs: replace + with * in RawIndex::write (s + 2)",
+     RAW_INDEX, "slot.seq.store(s + 2, Ordering::Release);",
+     "slot.seq.store(s * 2, Ordering::Release);", SEQLOCK_MODEL),
+    ("cuda-glue/src/allocator/raw_index.rs: replace & with | in RawIndex::find",
+     RAW_INDEX, "if s1 & 1 == 1 {", "if s1 | 1 == 1 {", SEQLOCK_MODEL),
+    ("cuda-glue/src/allocator/raw_index.rs: replace & with ^ in RawIndex::find",
+     RAW_INDEX, "if s1 & 1 == 1 {", "if s1 ^ 1 == 1 {", SEQLOCK_MODEL),
+]
+
+
+def check(name: str, path: str, old: str, new: str, model: str,
+          suite: list[str] | None = None) -> bool:
+    """Applies one mutation, runs ``model`` of ``suite`` under loom, restores; ``True`` if caught."""
     p = ROOT / path
     orig = p.read_text()
     if orig.count(old) != 1:
@@ -62,8 +86,7 @@ def check(name: str, path: str, old: str, new: str, model: str) -> bool:
     try:
         p.write_text(orig.replace(old, new))
         r = subprocess.run(
-            ["cargo", "test", "-q", "--features", "loom", "-p", "segment-registry-loom",
-             "--test", "models", "--", model],
+            ["cargo", "test", "-q", "--features", "loom", *(suite or REGISTRY), "--", model],
             cwd=ROOT, capture_output=True, text=True, check=False,
         )
     finally:
@@ -76,7 +99,8 @@ def check(name: str, path: str, old: str, new: str, model: str) -> bool:
 
 def main() -> int:
     """Checks every case; the exit status is the number missed."""
-    return sum(not check(*case) for case in CASES)
+    missed = sum(not check(*case) for case in CASES)
+    return missed + sum(not check(*case, suite=GLUE) for case in GLUE_CASES)
 
 
 if __name__ == "__main__":
