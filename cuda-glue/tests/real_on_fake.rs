@@ -490,11 +490,12 @@ fn two_ranks_join_a_comm_and_sum_across_it() {
                     let mine = [1.0f32 + r as f32, 10.0];
                     // SAFETY: `buf` is 2 MiB of ncclMemAlloc memory on
                     // device 0, the comm's device.
-                    unsafe {
-                        b.copy_to_device_f32(0, buf, &mine).unwrap();
-                        b.all_reduce_sum_f32(c, buf, buf, 2).unwrap();
-                        assert_eq!(b.copy_from_device_f32(0, buf, 2).unwrap(), [3.0, 20.0]);
-                    }
+                    unsafe { b.copy_to_device_f32(0, buf, &mine) }.unwrap();
+                    // SAFETY: as above; `c` is this thread's live comm.
+                    unsafe { b.all_reduce_sum_f32(c, buf, buf, 2) }.unwrap();
+                    // SAFETY: as above.
+                    let sum = unsafe { b.copy_from_device_f32(0, buf, 2) }.unwrap();
+                    assert_eq!(sum, [3.0, 20.0]);
                     b.mem_free(buf).unwrap();
                     for comm in [c, nb] {
                         // SAFETY: ours, used by nobody else any more.
