@@ -616,27 +616,9 @@ mod tests {
         let naps: Vec<_> = (0..80).map(|_| b.next_nap(&hour)).collect();
         assert!(naps[..64].iter().all(Option::is_none), "{naps:?}");
         let us = |n| Some(Duration::from_micros(n));
-        assert_eq!(
-            naps[64..],
-            [
-                us(2),
-                us(4),
-                us(8),
-                us(16),
-                us(32),
-                us(64),
-                us(128),
-                us(200),
-                us(200),
-                us(200),
-                us(200),
-                us(200),
-                us(200),
-                us(200),
-                us(200),
-                us(200)
-            ]
-        );
+        let mut doubling: Vec<_> = [2, 4, 8, 16, 32, 64, 128].map(us).to_vec();
+        doubling.resize(16, us(200));
+        assert_eq!(naps[64..], doubling);
         let soon = Wait::give_up_after(Duration::from_micros(100));
         let clipped = b.next_nap(&soon).unwrap();
         assert!(clipped <= Duration::from_micros(100), "{clipped:?}");

@@ -18,12 +18,25 @@ use std::time::{Duration, Instant};
 
 use common::ranks::{assert_exact, Ranks};
 use common::{assert_clean, park_register, MIB};
-use segment_registry_nccl::sim::{SimCall, SimOp, SimWorld};
+use segment_registry_nccl::sim::{SimBackend, SimCall, SimOp, SimWorld};
 use segment_registry_nccl::{
-    Allocator, AttachOptions, Backend, CommState, RegisterError, TestFaults, WindowError,
+    Allocator, AttachOptions, Backend, CommId, CommState, RawComm, RegisterError, TestFaults,
+    WindowError,
 };
 
 const DEADLINE: Duration = Duration::from_millis(100);
+
+/// One simulated rank and its allocator with an owned non-blocking comm
+/// attached with [`DEADLINE`].
+fn owned_one_rank() -> (Arc<SimWorld>, RawComm, Allocator<SimBackend>, CommId) {
+    let world = SimWorld::new(1);
+    let raw = world.comm_create_nonblocking(&[0]).unwrap()[0];
+    let al = Allocator::new(world.rank(0).unwrap());
+    let id = al
+        .attach_with(raw, AttachOptions::new().owned().deadline(DEADLINE))
+        .unwrap();
+    (world, raw, al, id)
+}
 
 /// The property: on an owned non-blocking comm, a registration whose
 /// rendezvous never completes ends at the deadline with `Timeout` on every
@@ -125,12 +138,7 @@ fn control_an_ignored_deadline_hangs_the_lost_registration() {
 /// are freed once.
 #[test]
 fn queued_stuck_and_handed_back_windows_of_an_aborted_comm_are_dropped_once() {
-    let world = SimWorld::new(1);
-    let raw = world.comm_create_nonblocking(&[0]).unwrap()[0];
-    let al = Allocator::new(world.rank(0).unwrap());
-    let id = al
-        .attach_with(raw, AttachOptions::new().owned().deadline(DEADLINE))
-        .unwrap();
+    let (world, _, al, id) = owned_one_rank();
     let s1 = al.alloc(2 * MIB, 0).unwrap();
     let s2 = al.alloc(2 * MIB, 0).unwrap();
     assert_eq!(al.register(id).unwrap().windows, 2);
@@ -206,12 +214,7 @@ fn queued_stuck_and_handed_back_windows_of_an_aborted_comm_are_dropped_once() {
 
 #[test]
 fn a_detach_whose_deregistration_reaches_its_deadline_drops_what_it_holds() {
-    let world = SimWorld::new(1);
-    let raw = world.comm_create_nonblocking(&[0]).unwrap()[0];
-    let al = Allocator::new(world.rank(0).unwrap());
-    let id = al
-        .attach_with(raw, AttachOptions::new().owned().deadline(DEADLINE))
-        .unwrap();
+    let (world, raw, al, id) = owned_one_rank();
     for _ in 0..3 {
         al.alloc(2 * MIB, 0).unwrap();
     }
@@ -358,12 +361,7 @@ fn a_checked_comm_whose_registration_times_out_loses_its_agreement_comm_too() {
 /// retry, and the memory is freed at once.
 #[test]
 fn a_free_whose_deregistration_reaches_its_deadline_drops_the_window_and_frees() {
-    let world = SimWorld::new(1);
-    let raw = world.comm_create_nonblocking(&[0]).unwrap()[0];
-    let al = Allocator::new(world.rank(0).unwrap());
-    let id = al
-        .attach_with(raw, AttachOptions::new().owned().deadline(DEADLINE))
-        .unwrap();
+    let (world, raw, al, id) = owned_one_rank();
     let p = al.alloc(2 * MIB, 0).unwrap();
     assert_eq!(al.register(id).unwrap().windows, 1);
     assert!(al.stats().comms[0].abortable, "owned");
@@ -393,12 +391,7 @@ fn a_free_whose_deregistration_reaches_its_deadline_drops_the_window_and_frees()
 /// registration.
 #[test]
 fn a_pass_whose_comm_a_queued_deregistration_aborted_answers_aborted() {
-    let world = SimWorld::new(1);
-    let raw = world.comm_create_nonblocking(&[0]).unwrap()[0];
-    let al = Allocator::new(world.rank(0).unwrap());
-    let id = al
-        .attach_with(raw, AttachOptions::new().owned().deadline(DEADLINE))
-        .unwrap();
+    let (world, raw, al, id) = owned_one_rank();
     let a = al.alloc(2 * MIB, 0).unwrap();
     assert_eq!(al.register(id).unwrap().windows, 1);
     let b = al.alloc(2 * MIB, 0).unwrap();

@@ -161,17 +161,19 @@ impl RawIndex {
     }
 }
 
+/// The id `find` gives `raw`, `None` if absent (the tests spill nothing).
+#[cfg(test)]
+fn id_of(index: &RawIndex, raw: usize) -> Option<u64> {
+    match index.find(RawComm(raw)) {
+        RawLookup::Found(id) => Some(id.0),
+        RawLookup::Absent => None,
+        RawLookup::Spilled => panic!("nothing spilled"),
+    }
+}
+
 #[cfg(all(test, not(feature = "loom")))]
 mod tests {
     use super::*;
-
-    fn found(index: &RawIndex, raw: usize) -> Option<u64> {
-        match index.find(RawComm(raw)) {
-            RawLookup::Found(id) => Some(id.0),
-            RawLookup::Absent => None,
-            RawLookup::Spilled => panic!("nothing spilled"),
-        }
-    }
 
     /// A removal takes out the slot of that handle *and* id: a comm
     /// attached at the same address keeps its own.
@@ -182,10 +184,10 @@ mod tests {
         index.insert(RawComm(0x10), CommId(2));
         index.insert(RawComm(0x20), CommId(3));
         index.remove(RawComm(0x10), CommId(2));
-        assert_eq!(found(&index, 0x10), Some(1));
-        assert_eq!(found(&index, 0x20), Some(3));
+        assert_eq!(id_of(&index, 0x10), Some(1));
+        assert_eq!(id_of(&index, 0x20), Some(3));
         index.remove(RawComm(0x10), CommId(1));
-        assert_eq!(found(&index, 0x10), None);
+        assert_eq!(id_of(&index, 0x10), None);
     }
 }
 
@@ -196,14 +198,6 @@ mod loom_model {
     use loom::sync::Arc;
 
     use super::*;
-
-    fn id_of(index: &RawIndex, raw: usize) -> Option<u64> {
-        match index.find(RawComm(raw)) {
-            RawLookup::Found(id) => Some(id.0),
-            RawLookup::Absent => None,
-            RawLookup::Spilled => panic!("nothing spilled"),
-        }
-    }
 
     #[test]
     fn a_reader_never_sees_a_torn_handle_and_id() {
